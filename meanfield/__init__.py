@@ -1,0 +1,41 @@
+"""meanfield: transformers as continuous-depth dynamical systems.
+
+    import meanfield as mf
+    model = mf.Model.random(jax.random.key(0), d=3, norm="sphere")
+    sol = mf.simulate_particles(model, X0, t1=20.0)
+    mf.metrics.effective_rank(sol.xs[-1])
+"""
+
+from . import metrics as metrics
+from .model.attention import attention as attention
+from .model.attention import blocked_attention as blocked_attention
+from .model.attention import dense_attention as dense_attention
+from .model.field import gaussian_closure_error as gaussian_closure_error
+from .model.field import moment_field as moment_field
+from .model.field import particle_field as particle_field
+from .model.field import sphere_project as sphere_project
+from .model.field import token_velocity as token_velocity
+from .model.mlp import mlp as mlp
+from .model.params import Model as Model
+from .model.spectral import spectral_ratio as spectral_ratio
+from .model.spectral import with_spectral_ratio as with_spectral_ratio
+from .regimes import classify as classify
+from .regimes import REGIMES as REGIMES
+from .initial import sphere_uniform as sphere_uniform
+from .initial import hemisphere as hemisphere
+from .initial import gaussian_tokens as gaussian_tokens
+from .simulate.gaussian import GaussianSolution as GaussianSolution
+from .simulate.gaussian import simulate_gaussian as simulate_gaussian
+from .simulate.particles import ParticleSolution as ParticleSolution
+from .simulate.particles import simulate_particles as simulate_particles
+from .simulate.solvers import RK4 as RK4
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Model", "simulate_particles", "simulate_gaussian", "ParticleSolution", "GaussianSolution",
+    "with_spectral_ratio", "spectral_ratio", "metrics", "classify", "REGIMES",
+    "attention", "dense_attention", "blocked_attention", "mlp", "token_velocity", "particle_field",
+    "moment_field", "sphere_project", "gaussian_closure_error", "sphere_uniform", "hemisphere",
+    "gaussian_tokens", "RK4",
+]

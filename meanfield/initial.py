@@ -1,0 +1,35 @@
+"""Initial token configurations, deterministic per PRNG key."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .model.params import default_float_dtype
+
+
+def sphere_uniform(key, n: int, d: int, dtype=None) -> jax.Array:
+    """n tokens i.i.d. uniform on the unit sphere S^{d-1} (normalised Gaussians)."""
+    dtype = default_float_dtype() if dtype is None else dtype
+    X = jax.random.normal(key, (n, d), dtype)
+    return X / jnp.linalg.norm(X, axis=-1, keepdims=True)
+
+
+def hemisphere(key, n: int, d: int, direction=None, dtype=None) -> jax.Array:
+    """n tokens uniform on the open hemisphere {x : <x, direction> > 0} (default direction e_1)."""
+    X = sphere_uniform(key, n, d, dtype)
+    u = jnp.zeros((d,), X.dtype).at[0].set(1.0) if direction is None else jnp.asarray(direction, X.dtype)
+    u = u / jnp.linalg.norm(u)
+    s = X @ u
+    return jnp.where((s < 0)[:, None], X - 2.0 * s[:, None] * u, X)
+
+
+def gaussian_tokens(key, n: int, m, S, dtype=None) -> jax.Array:
+    """n tokens i.i.d. N(m, S) (S may be singular: sampled through a symmetric square root)."""
+    dtype = default_float_dtype() if dtype is None else dtype
+    m = jnp.asarray(m, dtype)
+    S = jnp.asarray(S, dtype)
+    lam, U = jnp.linalg.eigh(0.5 * (S + S.T))
+    root = U * jnp.sqrt(jnp.clip(lam, 0.0, None))
+    Z = jax.random.normal(key, (n, m.shape[0]), dtype)
+    return m + Z @ root.T

@@ -1,0 +1,1 @@
+"""The one definition of the dynamics: parameters, attention, MLP, velocity fields."""

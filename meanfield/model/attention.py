@@ -1,0 +1,128 @@
+r"""Attention as pure functions of one token matrix X (n, d).
+
+With logits $\ell_{ij} = \beta \langle Q x_i, K x_j\rangle$ and values $v_j = V x_j$:
+
+- softmax:       $A_i = \sum_j e^{\ell_{ij}} v_j / \sum_j e^{\ell_{ij}}$
+- unnormalised:  $A_i = \frac1n \sum_j e^{\ell_{ij}} v_j$
+- shaped:        $A_i = v_i + \sum_j (\mathrm{softmax}_j(\ell_{ij}) - c_{ij}) v_j$, where
+  $c_{ij} = 1/n$ (or $1/i$ on $j\le i$ when causal): the matrix $I + \mathrm{softmax} - C$.
+- causal: every sum runs over $j \le i$ only.
+
+Two evaluations give the same numbers up to float rounding:
+`dense_attention` materialises the (n, n) logits; `blocked_attention` streams key blocks
+with an online (running-max) softmax, one query block at a time, so its memory is
+O(block_q * block_k + n d) instead of O(n^2) (FlashAttention's recurrence, Dao et al. 2022):
+
+    m' = max(m, max_j l_ij),  s' = s e^{m - m'} + sum_j e^{l_ij - m'},  a' = a e^{m - m'} + sum_j e^{l_ij - m'} v_j.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .._types import Tokens
+
+DENSE_MAX_TOKENS = 4096
+"""`attention_impl="auto"` evaluates densely up to this many tokens (n^2 floats = 64 MiB)."""
+
+
+def _project(model, X):
+    q = (X @ model.Q.T) * model.beta
+    k = X @ model.K.T
+    v = X @ model.V.T
+    return q, k, v
+
+
+def dense_attention(model, X: Tokens) -> Tokens:
+    """Attention output for all tokens by materialising the (n, n) logit matrix."""
+    n = X.shape[0]
+    q, k, v = _project(model, X)
+    logits = q @ k.T
+    if model.causal:
+        mask = jnp.tril(jnp.ones((n, n), dtype=bool))
+        logits = jnp.where(mask, logits, -jnp.inf)
+    if model.attention == "unnormalised":
+        # (1/n) sum_j e^{l_ij} v_j, computed as e^{m_i} sum_j e^{l_ij - m_i} v_j / n for range.
+        row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        return jnp.exp(row_max) * (jnp.exp(logits - row_max) @ v) / n
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = weights @ v
+    if model.attention == "shaped":
+        out = out + v - _centring(v, model.causal)
+    return out
+
+
+def _centring(v, causal: bool):
+    """C v with C = (1/n) 1 1^T, or the uniform-causal matrix (row i: 1/i on j <= i)."""
+    n = v.shape[0]
+    if causal:
+        return jnp.cumsum(v, axis=0) / jnp.arange(1, n + 1, dtype=v.dtype)[:, None]
+    return jnp.broadcast_to(jnp.mean(v, axis=0), v.shape)
+
+
+def blocked_attention(model, X: Tokens, *, block_size: int = 1024) -> Tokens:
+    """Attention output without the (n, n) matrix: online softmax over key blocks.
+
+    Memory O(block_size^2 + n d); `n` need not be a multiple of `block_size` (the tail is
+    padded with masked keys). Agrees with `dense_attention` to float rounding.
+    """
+    n, d = X.shape
+    b = int(min(block_size, n))
+    nb = -(-n // b)
+    pad = nb * b - n
+    q, k, v = _project(model, X)
+    dv = v.shape[1]
+    qb = jnp.pad(q, ((0, pad), (0, 0))).reshape(nb, b, -1)
+    kb = jnp.pad(k, ((0, pad), (0, 0))).reshape(nb, b, -1)
+    vb = jnp.pad(v, ((0, pad), (0, 0))).reshape(nb, b, dv)
+    idx = jnp.arange(nb * b).reshape(nb, b)
+    neg = jnp.asarray(-jnp.inf, q.dtype)
+
+    def one_query_block(args):
+        q_blk, qi = args
+
+        def step(carry, kv):
+            m, s, acc = carry
+            k_blk, v_blk, kj = kv
+            logits = q_blk @ k_blk.T
+            valid = (kj < n)[None, :]
+            if model.causal:
+                valid = valid & (kj[None, :] <= qi[:, None])
+            logits = jnp.where(valid, logits, neg)
+            m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+            # Rows with no valid key yet keep m = -inf; shift by 0 there to avoid inf - inf.
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            scale = jnp.exp(m - shift)
+            p = jnp.exp(logits - shift[:, None])
+            s = s * scale + p.sum(-1)
+            acc = acc * scale[:, None] + p @ v_blk
+            return (m_new, s, acc), None
+
+        init = (jnp.full((b,), neg), jnp.zeros((b,), q.dtype), jnp.zeros((b, dv), q.dtype))
+        (m, s, acc), _ = jax.lax.scan(step, init, (kb, vb, idx))
+        m = jax.lax.stop_gradient(m)
+        if model.attention == "unnormalised":
+            return acc * jnp.exp(m)[:, None] / n
+        return acc / s[:, None]
+
+    out = jax.lax.map(one_query_block, (qb, idx)).reshape(nb * b, dv)[:n]
+    if model.attention == "shaped":
+        out = out + v - _centring(v, model.causal)
+    return out
+
+
+def attention(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024) -> Tokens:
+    """`Attn(x_i; X)` for every token of X (n, d) with the model's attention type.
+
+    `impl`: `"dense"`, `"blocked"`, or `"auto"` (dense up to `DENSE_MAX_TOKENS` tokens).
+    """
+    if model.attention == "none":
+        return jnp.zeros_like(X)
+    if impl == "auto":
+        impl = "dense" if X.shape[0] <= DENSE_MAX_TOKENS else "blocked"
+    if impl == "dense":
+        return dense_attention(model, X)
+    if impl == "blocked":
+        return blocked_attention(model, X, block_size=block_size)
+    raise ValueError(f"attention: `impl` must be one of ['auto', 'dense', 'blocked']; got {impl!r}.")

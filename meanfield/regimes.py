@@ -1,0 +1,56 @@
+r"""Label a run: collapse, stable, or blow-up.
+
+Thresholds (keyword arguments, documented defaults):
+
+- **blow-up** (code 2): the Gaussian solve hit its blow-up event (`blowup_time < inf`), or the
+  solver failed, or for particles the token scale grew by more than `growth_limit` (default 1e6:
+  $\mathrm{rms}|x|(T)/\mathrm{rms}|x|(0) > 10^6$) or became non-finite.
+- **collapse** (code 0): otherwise, if the final state is within `collapse_tol` (default 1e-2) of
+  rank one: particles `rank_one_distance(X_T)` $=\sqrt{1 - s_1^2/\sum s^2}$, moments the same
+  quantity for $G = mm^\top + S$. Consensus (all tokens equal) is a special case.
+- **stable** (code 1): neither.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from . import metrics
+
+REGIMES = ("collapse", "stable", "blowup")
+COLLAPSE, STABLE, BLOWUP = 0, 1, 2
+
+
+def regime_code(rank_one_distance, growth, blown_up, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
+    """The regime code from final observables (vectorised; any broadcastable shapes)."""
+    rank_one_distance = jnp.asarray(rank_one_distance)
+    growth = jnp.asarray(growth)
+    blown = jnp.asarray(blown_up) | (growth > growth_limit) | ~jnp.isfinite(growth) | ~jnp.isfinite(rank_one_distance)
+    return jnp.where(blown, BLOWUP, jnp.where(rank_one_distance < collapse_tol, COLLAPSE, STABLE))
+
+
+def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
+    """Regime code (0 collapse, 1 stable, 2 blow-up; names in `REGIMES`) of a finished run.
+
+    Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states.
+    """
+    from .simulate.gaussian import GaussianSolution
+    from .simulate.particles import ParticleSolution
+
+    if isinstance(solution, GaussianSolution):
+        m, S = solution.means[-1], solution.covs[-1]
+        r1 = metrics.gaussian_rank_one_distance(m, S)
+        blown = jnp.isfinite(solution.blowup_time) | ~solution.success
+        return regime_code(r1, jnp.ones_like(r1), blown, collapse_tol=collapse_tol, growth_limit=growth_limit)
+    if isinstance(solution, ParticleSolution):
+        xs = solution.xs
+        if not hasattr(xs, "ndim") or xs.ndim != 3:
+            raise ValueError(
+                "classify: the ParticleSolution saved observables, not tokens; call "
+                "`regime_code(rank_one_distance, growth, blown_up)` with the saved values instead."
+            )
+        XT, X0 = xs[-1], xs[0]
+        growth = metrics.rms_norm(XT) / jnp.maximum(metrics.rms_norm(X0), jnp.finfo(XT.dtype).tiny)
+        r1 = metrics.rank_one_distance(jnp.where(jnp.isfinite(XT), XT, 0.0))
+        return regime_code(r1, growth, ~solution.success, collapse_tol=collapse_tol, growth_limit=growth_limit)
+    raise TypeError(f"classify: expected a GaussianSolution or ParticleSolution; got {type(solution).__name__}.")

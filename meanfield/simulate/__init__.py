@@ -1,0 +1,1 @@
+"""One solve per representation (token particles, Gaussian moments), all through diffrax."""

@@ -1,0 +1,222 @@
+r"""Exact Gaussian moment dynamics (Alcalde, Ji, Zuazua 2026; MISSION section 2).
+
+For tokens distributed as $N(m, S)$, softmax attention and an affine (or no) MLP give the affine
+field $F(x) = c + Mx$ with $M = a_\text{attn}\beta V S K^\top Q + a_\text{mlp}W$,
+$c = a_\text{attn}Vm + a_\text{mlp}b$, and the moments close exactly:
+
+$$ \dot m = c + M m, \qquad \dot S = M S + S M^\top. $$
+
+Numerics. We integrate a square-root factor instead of S: with $S = LL^\top$,
+
+$$ \dot L = M(LL^\top) L \quad\Longrightarrow\quad \dot S = MS + SM^\top, $$
+
+so S is symmetric positive semi-definite by construction and its rank is the rank of
+$L(t) = \Phi(t) L_0$ ($\dot\Phi = M\Phi$), i.e. exactly rank(S0) up to rounding (the zero columns
+of $L_0$ stay exactly zero). This is the congruence update $S \mapsto \Phi S \Phi^\top$ done by the
+ODE solver.
+
+Blow-up. The solve stops when $\operatorname{tr} S$ crosses `blowup_threshold` times
+$\max(\operatorname{tr} S_0, \text{tiny})$ (a diffrax event, crossing time found by Newton on the
+dense output). Near a Riccati singularity $\operatorname{tr}S \sim C/(t^*-t)$, so
+$\tau = \operatorname{tr}S / \tfrac{d}{dt}\operatorname{tr}S = t^*-t + O(1/\operatorname{tr}S)$ and we
+report $t^* \approx t_\text{event} + \tau$. When the growth was only exponential
+($\tau$ is not small compared with the time already elapsed: $\tau > 0.01\,(t_\text{event}-t_0)$)
+there is no finite-time singularity estimate and the crossing time itself is reported; either
+way the covariance has grown by `blowup_threshold` and the run is labelled blow-up. A solver
+failure (step size collapsing) after tr S has grown by sqrt(`blowup_threshold`) counts as blow-up
+at the last time reached.
+"""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optimistix as optx
+
+from .._types import Cov, Mean
+from ..model.field import gaussian_closure_error, moment_matrices
+from .solvers import make_controller, make_solver, progress_meter, save_times
+
+
+class GaussianSolution(eqx.Module):
+    """Result of `simulate_gaussian`.
+
+    Attributes:
+        ts: save times (T,).
+        means: (T, d); covs: (T, d, d). Save times after a blow-up hold the last state before
+            it (see `valid`), so the arrays never contain NaN or inf.
+        valid: (T,) bool, True where the save time was actually reached.
+        blowup_time: estimated finite-time singularity (inf when none before t1).
+        t_end: the depth the solve reached (t1, or the blow-up event).
+        success: False if the solver failed for another reason (max_steps, step collapse).
+    """
+
+    ts: jax.Array
+    means: jax.Array
+    covs: jax.Array
+    valid: jax.Array
+    blowup_time: jax.Array
+    t_end: jax.Array
+    success: jax.Array
+
+    def __iter__(self):  # `ts, means, covs, blowup_time = simulate_gaussian(...)`
+        return iter((self.ts, self.means, self.covs, self.blowup_time))
+
+    def __repr__(self) -> str:
+        try:
+            bt = float(self.blowup_time)
+            span = f"[{float(self.ts[0]):.4g}, {float(self.ts[-1]):.4g}]"
+            ok = bool(self.success)
+        except Exception:
+            bt, span, ok = "traced", "traced", "traced"
+        d = self.means.shape[-1]
+        return f"GaussianSolution(ts={span} x {self.ts.shape[-1]}, d={d}, blowup_time={bt}, success={ok})"
+
+
+def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:
+    r"""A square factor L with $LL^\top = S$ whose columns are exactly zero on S's null space.
+
+    Eigenvalues below `rank_rtol * lambda_max` (default d * eps) are treated as zero, so a
+    rank-r covariance gets exactly d - r zero columns.
+    """
+    S = 0.5 * (S + S.T)
+    lam, U = jnp.linalg.eigh(S)
+    tol = (S.shape[-1] * jnp.finfo(S.dtype).eps if rank_rtol is None else rank_rtol) * jnp.max(jnp.abs(lam))
+    lam = jnp.where(lam > tol, lam, 0.0)
+    return U * jnp.sqrt(lam)
+
+
+def simulate_gaussian(
+    model,
+    m0: Mean,
+    S0: Cov,
+    t1: float,
+    *,
+    t0: float = 0.0,
+    ts=None,
+    n_save: int = 101,
+    solver="tsit5",
+    dt0: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 16_384,
+    blowup_threshold: float | None = None,
+    rank_rtol: float | None = None,
+    progress: bool = False,
+) -> GaussianSolution:
+    r"""Solve the exact moment ODE $\dot m = c + Mm$, $\dot S = MS + SM^\top$ from $N(m_0, S_0)$.
+
+    Arguments:
+        model: a `Model` with softmax or no attention, affine or no MLP, no sphere norm, not
+            causal (anything else has no exact Gaussian closure and is refused).
+        m0: initial mean (d,). S0: initial covariance (d, d), symmetric PSD (may be singular).
+        t1, t0, ts, n_save, solver, dt0, rtol, atol, max_steps, progress: as in
+            `simulate_particles`.
+        blowup_threshold: tr S / tr S0 at which the solve stops and blow-up is declared
+            (default 1e4 in float32, 1e8 in float64: near a singularity tr S ~ 1/(t* - t) cannot
+            exceed about 1/eps of its start, because t* - t cannot be resolved below eps * t*).
+        rank_rtol: relative eigenvalue cut-off defining S0's rank (default d * eps).
+
+    Returns:
+        `GaussianSolution` (ts, means, covs, blowup_time, ...).
+
+    Raises:
+        ValueError: if the model has no exact closure (the message says why), or on bad shapes.
+    """
+    why = gaussian_closure_error(model)
+    if why is not None:
+        raise ValueError(f"simulate_gaussian: no exact Gaussian closure for this model: {why}.")
+    d = model.d
+    m0 = jnp.asarray(m0, model.dtype)
+    S0 = jnp.asarray(S0, model.dtype)
+    if m0.shape != (d,):
+        raise ValueError(f"simulate_gaussian: `m0` must have shape (d,) = {(d,)}; got {tuple(m0.shape)}.")
+    if S0.shape != (d, d):
+        raise ValueError(f"simulate_gaussian: `S0` must have shape (d, d) = {(d, d)}; got {tuple(S0.shape)}.")
+    if blowup_threshold is None:
+        blowup_threshold = 1e8 if model.dtype == jnp.float64 else 1e4
+    if blowup_threshold <= 1:
+        raise ValueError(f"simulate_gaussian: `blowup_threshold` must be > 1; got {blowup_threshold}.")
+    solver_obj, adaptive = make_solver(solver)
+    ts = save_times(t0, t1, ts, n_save, model.dtype)
+    controller = make_controller(
+        adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
+    )
+    return _solve(
+        model, m0, S0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
+        None if dt0 is None else jnp.asarray(dt0, model.dtype), solver_obj, controller,
+        max_steps, blowup_threshold, rank_rtol, progress,
+    )
+
+
+def _factored_field(t, y, model):
+    m, L = y
+    layer = model.at(t)
+    S = L @ L.T
+    M, c = moment_matrices(layer, m, S)
+    return c + M @ m, M @ L
+
+
+@eqx.filter_jit
+def _solve(model, m0, S0, t0, t1, ts, dt0, solver, controller, max_steps, threshold, rank_rtol, progress):
+    L0 = covariance_factor(S0, rank_rtol)
+    tiny = jnp.finfo(S0.dtype).tiny
+    log_limit = jnp.log(jnp.maximum(jnp.trace(S0), tiny ** 0.5)) + jnp.log(threshold)
+
+    def cond_fn(t, y, args, **kwargs):
+        m, L = y
+        return jnp.log(jnp.sum(L * L) + tiny) - log_limit
+
+    newton_tol = 1e-12 if S0.dtype == jnp.float64 else 1e-6
+    event = diffrax.Event(cond_fn, root_finder=optx.Newton(rtol=newton_tol, atol=newton_tol))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_factored_field),
+        solver,
+        t0,
+        t1,
+        dt0,
+        (m0, L0),
+        args=model,
+        saveat=diffrax.SaveAt(ts=ts, t1=True),
+        stepsize_controller=controller,
+        event=event,
+        max_steps=max_steps,
+        throw=False,
+        progress_meter=progress_meter(progress),
+    )
+    means_all, L_all = sol.ys
+    # The save at the final time follows the last save time reached (diffrax packs it there
+    # when an event stops the solve early), so find it as the latest finite time.
+    ts_all = jnp.where(jnp.isfinite(sol.ts), sol.ts, -jnp.inf)
+    i_end = jnp.argmax(ts_all)
+    t_end = ts_all[i_end]
+    m_end, L_end = means_all[i_end], L_all[i_end]
+    means, Ls = means_all[:-1], L_all[:-1]
+    valid = (ts <= t_end) & jnp.all(jnp.isfinite(means), axis=-1) & jnp.all(jnp.isfinite(Ls), axis=(-2, -1))
+    means = jnp.where(valid[:, None], means, m_end)
+    Ls = jnp.where(valid[:, None, None], Ls, L_end)
+    covs = Ls @ jnp.swapaxes(Ls, -1, -2)
+
+    event_hit = sol.result == diffrax.RESULTS.event_occurred
+    if sol.event_mask is not None:
+        event_hit = event_hit | jnp.any(jnp.asarray(sol.event_mask))
+    # Riccati extrapolation from the event state: tau = tr S / (d/dt tr S), d/dt tr S = 2 tr(M S).
+    S_end = L_end @ L_end.T
+    M_end, _ = moment_matrices(model.at(t_end), m_end, S_end)
+    tr = jnp.trace(S_end)
+    dtr = 2.0 * jnp.trace(M_end @ S_end)
+    tau = jnp.where(dtr > 0, tr / jnp.where(dtr > 0, dtr, 1.0), jnp.inf)
+    singular = tau < 0.01 * (t_end - t0)
+    # A solver failure (step size collapsing, max_steps) with an already large covariance is a
+    # singularity the event threshold could not resolve.
+    failed = (sol.result != diffrax.RESULTS.successful) & ~event_hit
+    collapsed = failed & (jnp.log(tr + tiny) > log_limit - 0.5 * jnp.log(threshold))
+    blown = event_hit | collapsed
+    blowup = jnp.where(blown, jnp.where(singular, t_end + tau, t_end), jnp.inf)
+    success = ~failed | collapsed
+    return GaussianSolution(
+        ts=ts, means=means, covs=covs, valid=valid, blowup_time=blowup.astype(ts.dtype),
+        t_end=t_end, success=success,
+    )

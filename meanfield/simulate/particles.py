@@ -1,0 +1,140 @@
+r"""Token particles: integrate $\dot x_i = F(t, X)_i$ for all n tokens with diffrax.
+
+One compiled solve per (model options, shapes, solver); `jax.vmap` over models and initial
+conditions works as for any pure function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._types import Tokens
+from ..model.field import particle_field
+from .solvers import make_controller, make_solver, progress_meter, save_times
+
+
+class ParticleSolution(eqx.Module):
+    """Result of `simulate_particles`.
+
+    Attributes:
+        ts: save times, shape (T,).
+        xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time.
+        success: whether the solver reached t1 (False: max_steps hit or step size collapsed;
+            saves after the failure hold inf).
+        num_steps: accepted solver steps.
+        solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`).
+    """
+
+    ts: jax.Array
+    xs: Any
+    success: jax.Array
+    num_steps: jax.Array
+    solution: diffrax.Solution
+
+    def __iter__(self):  # allows `ts, xs = simulate_particles(...)`
+        return iter((self.ts, self.xs))
+
+    def evaluate(self, t):
+        """Dense output X(t) (requires `dense=True`)."""
+        return self.solution.evaluate(t)
+
+    @property
+    def final(self):
+        """State (or saved observables) at the last save time."""
+        return jax.tree.map(lambda x: x[-1], self.xs)
+
+    def __repr__(self) -> str:
+        shapes = jax.tree.map(lambda x: tuple(x.shape), self.xs)
+        try:
+            ok = bool(self.success)
+            span = f"[{float(self.ts[0]):.4g}, {float(self.ts[-1]):.4g}]"
+        except Exception:
+            ok, span = "traced", "traced"
+        return f"ParticleSolution(ts={span} x {self.ts.shape[-1]}, xs={shapes}, success={ok})"
+
+
+def simulate_particles(
+    model,
+    X0: Tokens,
+    t1: float,
+    *,
+    t0: float = 0.0,
+    ts=None,
+    n_save: int = 101,
+    solver="tsit5",
+    dt0: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 100_000,
+    attention_impl: str = "auto",
+    block_size: int = 1024,
+    save_fn: Callable[[Tokens], Any] | None = None,
+    dense: bool = False,
+    progress: bool = False,
+) -> ParticleSolution:
+    r"""Solve the token ODE $\dot x_i = a_\text{attn}\mathrm{Attn}(x_i;X) + a_\text{mlp}\mathrm{MLP}(x_i)$.
+
+    Arguments:
+        model: a `Model` (depth-constant or piecewise).
+        X0: initial tokens, shape (n, d). With `norm="sphere"` rows should have unit norm.
+        t1: final depth. `t0`: initial depth.
+        ts: save times (default: `n_save` equally spaced on [t0, t1]).
+        solver: `"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"` (adaptive, `rtol`/`atol`; default
+            1e-6/1e-8 in float32, 1e-9/1e-11 in float64), `"rk4"`, `"euler"`, `"heun"`,
+            `"midpoint"` (fixed step `dt0`), or any diffrax solver.
+        attention_impl: `"dense"`, `"blocked"` (online softmax, O(n) memory) or `"auto"`
+            (dense up to 4096 tokens). `block_size`: tokens per block.
+        save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
+        dense: also keep dense output, available through `.evaluate(t)`.
+        progress: show a tqdm progress bar over depth.
+
+    Returns:
+        `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables).
+    """
+    X0 = jnp.asarray(X0, model.dtype)
+    if X0.ndim != 2 or X0.shape[1] != model.d:
+        raise ValueError(
+            f"simulate_particles: `X0` must have shape (n, d) with d = {model.d}; got {tuple(X0.shape)}."
+        )
+    if X0.shape[0] < 1:
+        raise ValueError("simulate_particles: `X0` must hold at least one token; got n = 0.")
+    solver_obj, adaptive = make_solver(solver)
+    ts = save_times(t0, t1, ts, n_save, model.dtype)
+    controller = make_controller(
+        adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
+    )
+    return _solve(
+        model, X0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
+        None if dt0 is None else jnp.asarray(dt0, model.dtype),
+        solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense, progress,
+    )
+
+
+@eqx.filter_jit
+def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress):
+    def vector_field(t, X, args):
+        return particle_field(t, X, args, impl=impl, block_size=block_size)
+
+    fn = (lambda t, y, args: y) if save_fn is None else (lambda t, y, args: save_fn(y))
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field),
+        solver,
+        t0,
+        t1,
+        dt0,
+        X0,
+        args=model,
+        saveat=diffrax.SaveAt(ts=ts, fn=fn, dense=dense),
+        stepsize_controller=controller,
+        max_steps=max_steps,
+        throw=False,
+        progress_meter=progress_meter(progress),
+    )
+    success = sol.result == diffrax.RESULTS.successful
+    return ParticleSolution(ts=ts, xs=sol.ys, success=success, num_steps=sol.stats["num_accepted_steps"], solution=sol)

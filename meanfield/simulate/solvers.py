@@ -1,0 +1,93 @@
+"""Solver choice shared by every simulator: names -> diffrax solvers, tolerances, controllers.
+
+Adaptive solvers (`"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"`) use a PID controller with
+`rtol`/`atol` and step exactly onto the boundaries of a piecewise-constant depth schedule
+(`jump_ts`). Fixed-step solvers (`"rk4"`, `"euler"`, `"heun"`, `"midpoint"`) need `dt0`.
+Any `diffrax.AbstractSolver` instance is accepted as-is.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import diffrax
+import jax.numpy as jnp
+import numpy as np
+from diffrax._local_interpolation import ThirdOrderHermitePolynomialInterpolation
+
+_rk4_tableau = diffrax.ButcherTableau(
+    a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
+    b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
+    b_error=np.zeros(4),
+    c=np.array([0.5, 0.5, 1.0]),
+)
+
+
+class RK4(diffrax.AbstractERK):
+    r"""The classical 4th-order Runge-Kutta method (fixed step only: it has no error estimate).
+
+    $k_1 = f(y)$, $k_2 = f(y + \tfrac h2 k_1)$, $k_3 = f(y + \tfrac h2 k_2)$, $k_4 = f(y + h k_3)$,
+    $y_{+} = y + \tfrac h6 (k_1 + 2k_2 + 2k_3 + k_4)$. Dense output: cubic Hermite.
+    """
+
+    tableau: ClassVar[diffrax.ButcherTableau] = _rk4_tableau
+    interpolation_cls: ClassVar = ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        del terms
+        return 4
+
+
+ADAPTIVE = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8, "bosh3": diffrax.Bosh3}
+FIXED = {"rk4": RK4, "euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint}
+SOLVERS = tuple(ADAPTIVE) + tuple(FIXED)
+
+
+def make_solver(solver) -> tuple[diffrax.AbstractSolver, bool]:
+    """(solver instance, is_adaptive) from a name or a diffrax solver."""
+    if isinstance(solver, diffrax.AbstractSolver):
+        adaptive = not isinstance(solver, tuple(FIXED.values()))
+        return solver, adaptive
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise ValueError(f"`solver` must be one of {list(SOLVERS)} or a diffrax solver; got {solver!r}.")
+    name = solver.lower()
+    if name in ADAPTIVE:
+        return ADAPTIVE[name](), True
+    return FIXED[name](), False
+
+
+def default_tolerances(dtype) -> tuple[float, float]:
+    """(rtol, atol): (1e-6, 1e-8) in float32, (1e-9, 1e-11) in float64."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return 1e-9, 1e-11
+    return 1e-6, 1e-8
+
+
+def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None):
+    """A PID controller (adaptive) or a constant step (fixed, `dt0` required)."""
+    if not adaptive:
+        if dt0 is None:
+            raise ValueError("a fixed-step solver needs `dt0` (the step size); got None.")
+        return diffrax.ConstantStepSize()
+    d_rtol, d_atol = default_tolerances(dtype)
+    return diffrax.PIDController(
+        rtol=d_rtol if rtol is None else rtol,
+        atol=d_atol if atol is None else atol,
+        jump_ts=jump_ts,
+    )
+
+
+def progress_meter(progress: bool):
+    return diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
+
+
+def save_times(t0, t1, ts, n_save, dtype):
+    """The save grid: `ts` if given, else `n_save` equally spaced times on [t0, t1]."""
+    if ts is not None:
+        ts = jnp.asarray(ts, dtype)
+        if ts.ndim != 1:
+            raise ValueError(f"`ts` must be a 1-d array of save times; got shape {ts.shape}.")
+        return ts
+    if n_save < 2:
+        raise ValueError(f"`n_save` must be >= 2; got {n_save}.")
+    return jnp.linspace(t0, t1, n_save, dtype=dtype)
