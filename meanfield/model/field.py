@@ -4,7 +4,11 @@ Token field (MISSION section 1):
 
 $$ F(t, X)_i = a_\text{attn}\,\mathrm{Attn}(x_i; X) + a_\text{mlp}\,\mathrm{MLP}(x_i), $$
 
-projected row-wise by $P_x v = v - \langle x, v\rangle x$ when `norm="sphere"`.
+projected row-wise by $P_x v = v - \langle x, v\rangle x$ when `norm="sphere"`. On the sphere the
+field is evaluated at the normalised tokens $\hat x = x/|x|$ and projected with $P_{\hat x}$: the
+same field on $S^{d-1}$, and off it $\frac{d}{dt}|x| = \langle \hat x, P_{\hat x} v\rangle = 0$ exactly, so
+the integrator's rounding cannot be amplified away from the sphere (with the plain projection,
+$\frac{d}{dt}(|x|^2-1) = -2\langle x,v\rangle(|x|^2-1)$ grows wherever $\langle x,v\rangle<0$).
 
 Moment field (Gaussian closure, MISSION section 2): for $X \sim N(m, S)$ and softmax attention,
 $E[e^{\beta x^\top Q^\top K y} y]/E[e^{\beta x^\top Q^\top K y}] = m + \beta S K^\top Q x$, so with an
@@ -34,6 +38,8 @@ def token_velocity(model, X: Tokens, *, impl: str = "auto", block_size: int = 10
 
     `model` must be depth-constant (use `model.at(t)` for a piecewise one).
     """
+    if model.norm == "sphere":
+        X = X / jnp.linalg.norm(X, axis=-1, keepdims=True)
     v = model.a_attn * attention(model, X, impl=impl, block_size=block_size) + model.a_mlp * mlp(model, X)
     if model.norm == "sphere":
         v = sphere_project(X, v)

@@ -209,7 +209,7 @@ class Model(eqx.Module):
             h = self.W1.shape[0]
             if self.W1.shape != (h, d) or self.W2.shape != (d, h):
                 raise ValueError(
-                    f"Model: two-layer MLP needs W1 (h, d) and W2 (d, h) with d = {d}; "
+                    f"Model: two-layer MLP needs `W1` (h, d) and `W2` (d, h) with d = {d}; "
                     f"got W1 {self.W1.shape}, W2 {self.W2.shape}."
                 )
             self.b1 = zeros(h) if b1 is None else _as_array("b1", b1, dtype, 1)

@@ -1,0 +1,76 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meanfield as mf
+
+VARIANTS = [("softmax", False), ("softmax", True), ("unnormalised", False), ("unnormalised", True), ("shaped", False), ("shaped", True)]
+
+
+@pytest.mark.parametrize("attention, causal", VARIANTS)
+def test_blocked_equals_dense(key, attention, causal):
+    k1, k2 = jax.random.split(key)
+    model = mf.Model.random(k1, 4, attention=attention, causal=causal, beta=2.0)
+    X = jax.random.normal(k2, (300, 4))  # 300 is not a multiple of the block size
+    dense = mf.dense_attention(model, X)
+    blocked = mf.blocked_attention(model, X, block_size=64)
+    np.testing.assert_allclose(blocked, dense, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(dense))))
+
+
+def _numpy_attention(model, X, attention, causal):
+    """Direct transcription of the formulas in float64."""
+    X = np.asarray(X, np.float64)
+    Q, K, V, beta = (np.asarray(a, np.float64) for a in (model.Q, model.K, model.V, model.beta))
+    n = X.shape[0]
+    logits = beta * (X @ Q.T) @ (X @ K.T).T
+    v = X @ V.T
+    out = np.zeros_like(v)
+    for i in range(n):
+        js = np.arange(i + 1) if causal else np.arange(n)
+        w = np.exp(logits[i, js])
+        if attention == "softmax":
+            out[i] = (w / w.sum()) @ v[js]
+        elif attention == "unnormalised":
+            out[i] = w @ v[js] / n
+        else:
+            out[i] = v[i] + (w / w.sum() - 1.0 / len(js)) @ v[js]
+    return out
+
+
+@pytest.mark.parametrize("attention, causal", VARIANTS)
+def test_dense_matches_formula(key, attention, causal):
+    k1, k2 = jax.random.split(key)
+    model = mf.Model.random(k1, 3, attention=attention, causal=causal, beta=1.5)
+    X = jax.random.normal(k2, (17, 3))
+    np.testing.assert_allclose(mf.dense_attention(model, X), _numpy_attention(model, X, attention, causal), rtol=1e-4, atol=1e-5)
+
+
+def test_zero_temperature_limits(key):
+    """beta = 0: softmax is the mean of V x, causal softmax the prefix mean, shaped is V x_i."""
+    X = jax.random.normal(key, (9, 3))
+    V = np.diag([1.0, 2.0, -1.0])
+    base = dict(Q=np.eye(3), K=np.eye(3), V=V, beta=0.0)
+    v = np.asarray(X) @ V.T
+    np.testing.assert_allclose(mf.dense_attention(mf.Model(**base), X), np.broadcast_to(v.mean(0), v.shape), atol=1e-6)
+    prefix = np.cumsum(v, 0) / np.arange(1, 10)[:, None]
+    np.testing.assert_allclose(mf.dense_attention(mf.Model(**base, causal=True), X), prefix, atol=1e-6)
+    np.testing.assert_allclose(mf.dense_attention(mf.Model(**base, attention="shaped"), X), v, atol=1e-6)
+
+
+def test_causal_first_token_attends_to_itself(key):
+    model = mf.Model.random(key, 3, causal=True)
+    X = jax.random.normal(key, (5, 3))
+    np.testing.assert_allclose(mf.dense_attention(model, X)[0], X[0] @ model.V.T, rtol=1e-6)
+
+
+def test_sphere_projection_is_tangent(key):
+    model = mf.Model.random(key, 4, norm="sphere")
+    X = mf.sphere_uniform(key, 50, 4)
+    F = mf.token_velocity(model, X)
+    np.testing.assert_allclose(jnp.sum(F * X, -1), 0.0, atol=1e-5)
+
+
+def test_bad_impl(key):
+    with pytest.raises(ValueError, match="impl"):
+        mf.attention(mf.Model.random(key, 2), jnp.ones((3, 2)), impl="flash")

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import meanfield as mf
+from meanfield import metrics
+
+
+def test_rank_metrics_against_numpy(key):
+    X = np.asarray(jax.random.normal(key, (40, 5)) * jnp.array([3.0, 2.0, 1.0, 0.5, 0.1]))
+    s = np.linalg.svd(X.astype(np.float64), compute_uv=False)
+    p = s**2 / np.sum(s**2)
+    np.testing.assert_allclose(metrics.effective_rank(X), np.exp(-np.sum(p * np.log(p))), rtol=1e-5)
+    np.testing.assert_allclose(metrics.stable_rank(X), 1 / p[0], rtol=1e-5)
+    # Eckart-Young: distance to the truncated SVD.
+    U, s_, Vt = np.linalg.svd(X.astype(np.float64), full_matrices=False)
+    X1 = s_[0] * np.outer(U[:, 0], Vt[0])
+    np.testing.assert_allclose(metrics.rank_one_distance(X), np.linalg.norm(X - X1) / np.linalg.norm(X), rtol=1e-5)
+    np.testing.assert_allclose(
+        metrics.consensus_distance(X), np.linalg.norm(X - X.mean(0)) / np.linalg.norm(X), rtol=1e-5
+    )
+    U_ = X / np.linalg.norm(X, axis=1, keepdims=True)
+    C = U_ @ U_.T
+    np.testing.assert_allclose(metrics.mean_cosine(X), (C.sum() - np.trace(C)) / (40 * 39), rtol=1e-4, atol=1e-6)
+    D = np.linalg.norm(X[:, None] - X[None], axis=-1)
+    np.testing.assert_allclose(metrics.diameter(X, block_size=7), D.max(), rtol=1e-5)
+
+
+def test_rank_extremes():
+    assert abs(float(metrics.effective_rank(jnp.eye(4))) - 4.0) < 1e-5
+    X = jnp.outer(jnp.arange(1.0, 6.0), jnp.array([1.0, -2.0, 0.5]))
+    assert abs(float(metrics.effective_rank(X)) - 1.0) < 1e-5
+    assert float(metrics.rank_one_distance(X)) < 1e-3
+    assert float(metrics.consensus_distance(jnp.ones((5, 3)))) == 0.0
+
+
+def test_cluster_count(key):
+    centres = jnp.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    X = jnp.repeat(centres, 10, axis=0) + 1e-4 * jax.random.normal(key, (30, 3))
+    X = jax.random.permutation(jax.random.key(3), X)
+    assert int(metrics.cluster_count(X, tol=1e-2)) == 3
+    # A chain of tokens 0.005 apart is one cluster by single linkage.
+    chain = jnp.stack([jnp.linspace(0, 1, 201), jnp.zeros(201), jnp.ones(201)], axis=1)
+    assert int(metrics.cluster_count(chain, tol=1e-2)) == 1
+    assert int(metrics.cluster_count(chain, tol=1e-4)) == 201
+
+
+def test_covariance_statistics(x64, key):
+    A = np.asarray(jax.random.normal(key, (4, 4), jnp.float64))
+    S = A @ A.T + 0.1 * np.eye(4)
+    lam = np.linalg.eigvalsh(S)
+    np.testing.assert_allclose(metrics.cov_trace(S), lam.sum())
+    np.testing.assert_allclose(metrics.cov_logdet(S), np.log(lam).sum())
+    np.testing.assert_allclose(metrics.cov_condition(S), lam[-1] / lam[0], rtol=1e-10)
+    assert int(metrics.numerical_rank(S)) == 4
+    B = A[:, :2]
+    assert int(metrics.numerical_rank(B @ B.T)) == 2
+    assert float(metrics.cov_logdet(B @ B.T)) == -np.inf and float(metrics.cov_condition(B @ B.T)) == np.inf
+
+
+def test_gaussian_observables_are_the_large_n_limit(x64, key):
+    m = jnp.array([1.0, -0.5, 0.2])
+    S = jnp.array([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 0.2]])
+    X = mf.gaussian_tokens(key, 200_000, m, S, dtype=jnp.float64)
+    np.testing.assert_allclose(metrics.effective_rank(X), metrics.gaussian_effective_rank(m, S), rtol=5e-3)
+    np.testing.assert_allclose(metrics.rank_one_distance(X), metrics.gaussian_rank_one_distance(m, S), rtol=5e-3)
+    np.testing.assert_allclose(metrics.empirical_covariance(X), S, atol=1e-2)
+
+
+def test_initial_conditions(key):
+    X = mf.hemisphere(key, 500, 3, direction=[0.0, 0.0, 1.0])
+    np.testing.assert_allclose(jnp.linalg.norm(X, axis=1), 1.0, atol=1e-6)
+    assert float(jnp.min(X[:, 2])) > 0
+    np.testing.assert_array_equal(mf.sphere_uniform(key, 5, 3), mf.sphere_uniform(key, 5, 3))
+
+
+def test_classify_particles(key):
+    I = jnp.eye(3)
+    consensus = mf.Model(Q=I, K=I, V=I, norm="sphere")
+    X0 = mf.hemisphere(key, 16, 3)
+    assert int(mf.classify(mf.simulate_particles(consensus, X0, 20.0, n_save=2))) == mf.REGIMES.index("collapse")
+    rotation = mf.Model(attention="none", W=jnp.array([[0, 1.0, 0], [-1.0, 0, 0], [0, 0, 0]]), mlp="affine")
+    X = jax.random.normal(key, (16, 3))
+    assert int(mf.classify(mf.simulate_particles(rotation, X, 5.0, n_save=2))) == mf.REGIMES.index("stable")
+    growth = mf.Model(attention="none", W=3.0 * I, mlp="affine")
+    assert int(mf.classify(mf.simulate_particles(growth, X, 6.0, n_save=2))) == mf.REGIMES.index("blowup")
+
+
+def test_classify_rejects_observable_runs(key):
+    model = mf.Model.random(key, 2)
+    sol = mf.simulate_particles(model, jnp.ones((3, 2)), 1.0, n_save=2, save_fn=metrics.rms_norm)
+    with pytest.raises(ValueError, match="observables"):
+        mf.classify(sol)
