@@ -39,3 +39,8 @@ __all__ = [
     "moment_field", "sphere_project", "gaussian_closure_error", "sphere_uniform", "hemisphere",
     "gaussian_tokens", "RK4",
 ]
+
+from .sweep.store import load_run as load_run  # noqa: E402
+from .sweep.run import run_experiment as run_experiment  # noqa: E402
+
+__all__ += ["load_run", "run_experiment"]

@@ -336,21 +336,16 @@ class Model(eqx.Module):
         """
         if d < 1:
             raise ValueError(f"Model.random: `d` must be >= 1; got {d}.")
-        h = 4 * d if hidden is None else int(hidden)
-        k = d if qk_dim is None else int(qk_dim)
         dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
-        keys = jax.random.split(key, 8)
-        g = lambda kk, shape, fan: jax.random.normal(kk, shape, dtype) / np.sqrt(fan)  # noqa: E731
-        mats: dict[str, Any] = {}
+        mats = random_weights(key, d, hidden=hidden, qk_dim=qk_dim, dtype=dtype, bias=bias)
+        keep = set()
         if attention.lower() != "none":
-            mats.update(Q=g(keys[0], (k, d), d), K=g(keys[1], (k, d), d), V=g(keys[2], (d, d), d))
+            keep |= {"Q", "K", "V"}
         if mlp == "affine":
-            mats.update(W=g(keys[3], (d, d), d), b=g(keys[4], (d,), d) if bias else None)
+            keep |= {"W", "b"}
         elif mlp == "two_layer":
-            mats.update(
-                W1=g(keys[3], (h, d), d), W2=g(keys[5], (d, h), h),
-                b1=g(keys[4], (h,), d) if bias else None, b2=g(keys[6], (d,), d) if bias else None,
-            )
+            keep |= {"W1", "W2", "b1", "b2"}
+        mats = {k: v for k, v in mats.items() if k in keep}
         return cls(
             **mats, beta=beta, a_attn=a_attn, a_mlp=a_mlp, attention=attention, causal=causal,
             mlp=mlp, activation=activation, norm=norm, dtype=dtype,
@@ -384,6 +379,27 @@ class Model(eqx.Module):
             f"Model(d={self.d}, attention={attn}, a_attn={_fmt(self.a_attn)}, mlp={mlp}, "
             f"a_mlp={_fmt(self.a_mlp)}, norm={self.norm}{layers}, dtype={self.dtype})"
         )
+
+
+def random_weights(key, d: int, *, hidden: int | None = None, qk_dim: int | None = None, dtype=None, bias: bool = False) -> dict:
+    r"""Every weight `Model.random` can use, drawn from `key` with fan-in scalings.
+
+    $Q, K \in \mathbb R^{k\times d}$, $V, W \in \mathbb R^{d\times d}$, $W_1 \in \mathbb R^{h\times d}$:
+    i.i.d. $N(0, 1/d)$; $W_2 \in \mathbb R^{d\times h}$: $N(0, 1/h)$; biases $N(0, 1/d)$ if `bias`,
+    else None. Each matrix has its own subkey, so which matrices are used does not change the
+    others' values.
+    """
+    h = 4 * d if hidden is None else int(hidden)
+    k = d if qk_dim is None else int(qk_dim)
+    dtype = default_float_dtype() if dtype is None else jnp.dtype(dtype)
+    keys = jax.random.split(key, 8)
+    g = lambda kk, shape, fan: jax.random.normal(kk, shape, dtype) / np.sqrt(fan)  # noqa: E731
+    return {
+        "Q": g(keys[0], (k, d), d), "K": g(keys[1], (k, d), d), "V": g(keys[2], (d, d), d),
+        "W": g(keys[3], (d, d), d), "b": g(keys[4], (d,), d) if bias else None,
+        "W1": g(keys[3], (h, d), d), "b1": g(keys[4], (h,), d) if bias else None,
+        "W2": g(keys[5], (d, h), h), "b2": g(keys[6], (d,), d) if bias else None,
+    }
 
 
 def _fmt(x) -> str:

@@ -1,0 +1,126 @@
+"""The `meanfield` command: thin wrappers over library calls.
+
+    meanfield run FILE [--out DIR] [--resume] [--overwrite] [--quiet]
+    meanfield validate FILE
+    meanfield plot RUN_DIR
+    meanfield list
+
+Exit status 0 on success, 2 for a bad experiment file or output directory (one message naming
+the file and field), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXPERIMENTS_DIRS = (Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")
+
+
+def _resolve(file: str) -> str:
+    """An existing path, or the name of a shipped experiment (`quickstart` -> experiments/quickstart.yaml)."""
+    p = Path(file)
+    if p.exists() or p.suffix:
+        return file
+    for d in EXPERIMENTS_DIRS:
+        cand = d / f"{file}.yaml"
+        if cand.is_file():
+            return str(cand)
+    return file
+
+
+def _cmd_run(args) -> int:
+    from .sweep.run import run_experiment, summary_table
+
+    res = run_experiment(_resolve(args.file), out=args.out, overwrite=args.overwrite, quiet=args.quiet)
+    print(summary_table(res.dataset))
+    print(f"{res.computed} points computed in {res.seconds:.1f} s; dataset: {res.run_dir / 'results.nc'}")
+    for f in res.figures:
+        if f.suffix == ".png":
+            print(f"figure: {f}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .sweep.plan import load_config, make_plan
+
+    file = _resolve(args.file)
+    cfg = load_config(file)
+    plan = make_plan(cfg, source=file)
+    print(f"{file}: valid. {plan.n_points} points in {len(plan.groups)} compiled group(s); "
+          f"simulator {cfg.simulator.kind}; swept: {', '.join(plan.axes) or 'nothing'}")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .sweep.plan import config_from_dict
+    from .sweep.plots import plot_run
+    from .sweep.store import load_run
+    import yaml
+
+    run_dir = Path(args.run_dir)
+    ds = load_run(run_dir)
+    cfg = config_from_dict(yaml.safe_load(ds.attrs["config_yaml"]), source=str(run_dir / "config.yaml"))
+    for f in plot_run(ds, cfg, run_dir / "figures"):
+        print(f"figure: {f}")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    import yaml
+
+    seen = set()
+    for d in EXPERIMENTS_DIRS:
+        for f in sorted(d.glob("*.yaml")):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            try:
+                desc = (yaml.safe_load(f.read_text()) or {}).get("description", "")
+            except yaml.YAMLError:
+                desc = "(invalid YAML)"
+            print(f"{f.stem:28} {desc.strip().splitlines()[0] if desc else ''}")
+            print(f"{'':28} {f}")
+    if not seen:
+        print("no shipped experiments found (looked in: " + ", ".join(map(str, EXPERIMENTS_DIRS)) + ")")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meanfield", description="Transformers as continuous-depth dynamical systems.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a YAML sweep (resumes an interrupted run of the same config)")
+    p.add_argument("file", help="experiment YAML, or the name of a shipped one (see `meanfield list`)")
+    p.add_argument("--out", help="output directory (default: output.dir, else runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted run (the default when the output holds the same config)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("validate", help="check a YAML file and print its sweep plan; writes nothing")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("plot", help="redraw the figures of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
+    p = sub.add_parser("list", help="list the shipped experiments")
+    p.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .sweep.plan import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

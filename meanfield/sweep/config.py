@@ -1,0 +1,301 @@
+"""The experiment file schema (YAML), validated with pydantic v2.
+
+Every section forbids unknown keys (a typo is an error, never silently dropped) and every
+number is range-checked, so a bad file fails before anything runs, with the field path named.
+
+    name: quickstart
+    seed: 0                      # weights and initial tokens derive from it
+    model:       {d: 3, attention: softmax, beta: 1.0, mlp: two_layer, norm: sphere, ...}
+    initial:     {kind: sphere, n: 32}
+    simulator:   {kind: particles, t1: 10.0, n_save: 51, solver: tsit5}
+    observables: [effective_rank, rank_one_distance]
+    sweep:
+      grid:    {model.spectral_ratio: {log: [0.05, 20, 16]}, seed: [0, 1, 2]}
+      zip:     {model.beta: [1, 4], model.a_attn: [1, 0.5]}      # advanced together
+      points:  [{initial.n: 16}, {initial.n: 64}]                 # explicit list
+      derived: {model.a_attn: "1 / model.beta"}                   # computed per point
+    output:      {dir: runs/quickstart, memory_budget_gb: 2.0}
+    plots:       {regime_map: {x: model.spectral_ratio, y: model.beta}}
+
+Matrices (`Q, K, V, W, W1, W2`, and `initial.cov`) are `random` (seeded, `Model.random`
+scalings), an explicit nested list, `{eye: a}` (a I) or `{diag: [...]}`; a sweep can address
+their numbers, e.g. `model.V.eye` or `model.V.diag.0`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..metrics import PARTICLE_OBSERVABLES
+from ..model.params import ACTIVATIONS, ATTENTIONS, _ALIASES
+from ..simulate.solvers import SOLVERS
+
+GAUSSIAN_OBSERVABLES = (
+    "cov_trace", "cov_logdet", "cov_condition", "numerical_rank", "effective_rank",
+    "rank_one_distance", "mean_norm",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Eye(_Strict):
+    """a * identity."""
+
+    eye: float
+
+
+class Diag(_Strict):
+    """diag(values)."""
+
+    diag: list[float] = Field(min_length=1)
+
+
+MatrixSpec = Literal["random"] | Eye | Diag | list[list[float]]
+
+
+class ModelConfig(_Strict):
+    d: int = Field(ge=1, le=4096, description="token dimension")
+    attention: str = "softmax"
+    causal: bool = False
+    beta: float = Field(1.0, ge=0, description="inverse temperature")
+    a_attn: float = 1.0
+    mlp: Literal["none", "affine", "two_layer"] = "two_layer"
+    activation: Literal["relu", "tanh", "gelu"] = "gelu"
+    hidden: int | None = Field(None, ge=1, description="MLP hidden width (default 4d)")
+    qk_dim: int | None = Field(None, ge=1, description="query/key dimension (default d)")
+    a_mlp: float = 1.0
+    norm: Literal["none", "sphere"] = "none"
+    Q: MatrixSpec = "random"
+    K: MatrixSpec = "random"
+    V: MatrixSpec = "random"
+    W: MatrixSpec = "random"
+    W1: MatrixSpec = "random"
+    W2: MatrixSpec = "random"
+    b: float | list[float] = 0.0
+    spectral_ratio: float | None = Field(
+        None, gt=0, description="rescale the MLP branch so ||a_mlp W_eff|| / ||a_attn V|| equals this"
+    )
+
+    @field_validator("attention")
+    @classmethod
+    def _attention(cls, v: str) -> str:
+        if v.lower() not in ATTENTIONS and v.lower() not in _ALIASES:
+            raise ValueError(f"must be one of {list(ATTENTIONS) + sorted(_ALIASES)}; got {v!r}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        d = self.d
+        k = self.qk_dim or d
+        h = self.hidden or 4 * d
+        expect = {"Q": (k, d), "K": (k, d), "V": (d, d), "W": (d, d), "W1": (h, d), "W2": (d, h)}
+        for name, shape in expect.items():
+            spec = getattr(self, name)
+            if isinstance(spec, list):
+                got = (len(spec), len(spec[0]) if spec else 0)
+                if got != shape or any(len(row) != shape[1] for row in spec):
+                    raise ValueError(f"{name}: explicit matrix must have shape {shape}; got {got}")
+            elif isinstance(spec, Eye) and shape[0] != shape[1]:
+                raise ValueError(f"{name}: {{eye: ...}} needs a square matrix; shape is {shape}")
+            elif isinstance(spec, Diag) and len(spec.diag) != min(shape):
+                raise ValueError(f"{name}: {{diag: [...]}} must hold {min(shape)} values; got {len(spec.diag)}")
+        if isinstance(self.b, list) and len(self.b) != d:
+            raise ValueError(f"b: must hold d = {d} values; got {len(self.b)}")
+        if self.spectral_ratio is not None and (self.mlp == "none" or self.attention == "none"):
+            raise ValueError("spectral_ratio: needs both an MLP and attention")
+        return self
+
+
+class InitialConfig(_Strict):
+    kind: Literal["gaussian", "sphere", "hemisphere", "file"] = "gaussian"
+    n: int = Field(64, ge=1, le=10_000_000, description="number of tokens (particles)")
+    mean: float | list[float] = 0.0
+    cov: float | Eye | Diag | list[list[float]] = Field(1.0, description="a scalar s means s * I")
+    direction: list[float] | None = None
+    path: str | None = Field(None, description="a .npy file of shape (n, d) (kind: file)")
+
+    @model_validator(mode="after")
+    def _kind(self):
+        if self.kind == "file" and not self.path:
+            raise ValueError("path: required when kind is 'file'")
+        if isinstance(self.cov, float) and self.cov < 0:
+            raise ValueError(f"cov: a scalar covariance must be >= 0; got {self.cov}")
+        return self
+
+
+class SimulatorConfig(_Strict):
+    kind: Literal["particles", "gaussian"] = "particles"
+    t1: float = Field(10.0, gt=0, description="final depth")
+    n_save: int = Field(51, ge=2, le=100_000)
+    solver: str = "tsit5"
+    dt0: float | None = Field(None, gt=0)
+    rtol: float | None = Field(None, gt=0)
+    atol: float | None = Field(None, gt=0)
+    max_steps: int = Field(16_384, ge=1)
+    attention_impl: Literal["auto", "dense", "blocked"] = "auto"
+    blowup_threshold: float | None = Field(None, gt=1)
+
+    @field_validator("solver")
+    @classmethod
+    def _solver(cls, v: str) -> str:
+        if v.lower() not in SOLVERS:
+            raise ValueError(f"must be one of {list(SOLVERS)}; got {v!r}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _fixed_step(self):
+        if self.solver in ("rk4", "euler", "heun", "midpoint") and self.dt0 is None:
+            raise ValueError(f"dt0: the fixed-step solver {self.solver!r} needs a step size")
+        return self
+
+
+class RegimeConfig(_Strict):
+    collapse_tol: float = Field(1e-2, gt=0, lt=1)
+    growth_limit: float = Field(1e6, gt=1)
+
+
+class LinSpec(_Strict):
+    lin: tuple[float, float, int]
+
+
+class LogSpec(_Strict):
+    log: tuple[float, float, int]
+
+    @field_validator("log")
+    @classmethod
+    def _positive(cls, v):
+        if v[0] <= 0 or v[1] <= 0:
+            raise ValueError(f"log-spaced bounds must be > 0; got {list(v)}")
+        return v
+
+
+class RangeSpec(_Strict):
+    range: tuple[float, float, float]
+
+
+AxisSpec = Annotated[LinSpec | LogSpec | RangeSpec | list[Any], Field(union_mode="left_to_right")]
+
+
+def axis_values(spec) -> list:
+    """The values of one sweep axis."""
+    if isinstance(spec, LinSpec):
+        a, b, n = spec.lin
+        return [a + (b - a) * i / (n - 1) if n > 1 else a for i in range(n)]
+    if isinstance(spec, LogSpec):
+        a, b, n = spec.log
+        la, lb = math.log(a), math.log(b)
+        return [math.exp(la + (lb - la) * i / (n - 1)) if n > 1 else a for i in range(n)]
+    if isinstance(spec, RangeSpec):
+        start, stop, step = spec.range
+        if step == 0:
+            raise ValueError("range step must be non-zero")
+        n = max(0, math.ceil((stop - start) / step))
+        vals = [start + i * step for i in range(n)]
+        return [int(v) if float(v).is_integer() and all(float(x).is_integer() for x in spec.range) else v for v in vals]
+    return list(spec)
+
+
+class SweepConfig(_Strict):
+    grid: dict[str, AxisSpec] = Field(default_factory=dict)
+    zip: dict[str, AxisSpec] = Field(default_factory=dict)
+    points: list[dict[str, Any]] = Field(default_factory=list)
+    derived: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _axes(self):
+        for section in ("grid", "zip"):
+            for path, spec in getattr(self, section).items():
+                if len(axis_values(spec)) == 0:
+                    raise ValueError(f"{section}.{path}: the axis has no values")
+        lengths = {p: len(axis_values(s)) for p, s in self.zip.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"zip: every zipped axis must have the same length; got {lengths}")
+        seen: dict[str, str] = {}
+        for section, paths in (("grid", self.grid), ("zip", self.zip), ("derived", self.derived)):
+            for p in paths:
+                if p in seen:
+                    raise ValueError(f"{section}.{p}: the field is already swept in {seen[p]}")
+                seen[p] = section
+        return self
+
+
+class RegimeMapPlot(_Strict):
+    x: str
+    y: str
+    observable: str = "effective_rank"
+
+
+class CurvesPlot(_Strict):
+    observable: str = "effective_rank"
+    hue: str | None = None
+
+
+class PlotsConfig(_Strict):
+    regime_map: RegimeMapPlot | None = None
+    curves: CurvesPlot | None = Field(default_factory=CurvesPlot)
+    formats: list[Literal["png", "pdf"]] = Field(default_factory=lambda: ["png", "pdf"])
+
+
+class OutputConfig(_Strict):
+    dir: str | None = Field(None, description="default: runs/<name>")
+    chunk_size: int | None = Field(None, ge=1, description="points per compiled batch (default: from the memory budget)")
+    memory_budget_gb: float = Field(2.0, gt=0)
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = Field(0, ge=0, lt=2**31)
+    dtype: Literal["float32", "float64"] = "float32"
+    model: ModelConfig
+    initial: InitialConfig = Field(default_factory=InitialConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    observables: list[str] | None = None
+    regimes: RegimeConfig = Field(default_factory=RegimeConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    plots: PlotsConfig = Field(default_factory=PlotsConfig)
+
+    @model_validator(mode="after")
+    def _consistency(self):
+        sim, model, init = self.simulator, self.model, self.initial
+        allowed = GAUSSIAN_OBSERVABLES if sim.kind == "gaussian" else tuple(PARTICLE_OBSERVABLES) + ("cluster_count",)
+        for name in self.observables or ():
+            if name not in allowed:
+                raise ValueError(f"observables: {name!r} is not available for {sim.kind}; allowed: {list(allowed)}")
+        if sim.kind == "gaussian":
+            if init.kind != "gaussian":
+                raise ValueError(f"initial.kind: the gaussian simulator needs kind 'gaussian'; got {init.kind!r}")
+            from ..model.field import gaussian_closure_error
+            from ..model.params import Model
+
+            probe = Model(
+                attention=model.attention, causal=model.causal, norm=model.norm,
+                mlp=model.mlp, activation=model.activation,
+                Q=[[0.0]], K=[[0.0]], V=[[0.0]], W=[[0.0]], W1=[[0.0]], W2=[[0.0]],
+            )
+            why = gaussian_closure_error(probe)
+            if why:
+                raise ValueError(f"simulator.kind: 'gaussian' has no exact closure here: {why}")
+        if isinstance(init.mean, list) and len(init.mean) != model.d:
+            raise ValueError(f"initial.mean: must hold d = {model.d} values; got {len(init.mean)}")
+        if isinstance(init.cov, list) and (len(init.cov) != model.d or any(len(r) != model.d for r in init.cov)):
+            raise ValueError(f"initial.cov: explicit covariance must be {model.d} x {model.d}")
+        if isinstance(init.cov, Diag) and len(init.cov.diag) != model.d:
+            raise ValueError(f"initial.cov: {{diag: [...]}} must hold d = {model.d} values")
+        if init.direction is not None and len(init.direction) != model.d:
+            raise ValueError(f"initial.direction: must hold d = {model.d} values")
+        return self
+
+    def observable_names(self) -> list[str]:
+        """The observables recorded over depth (defaults per simulator)."""
+        if self.observables:
+            return list(self.observables)
+        if self.simulator.kind == "gaussian":
+            return list(GAUSSIAN_OBSERVABLES)
+        return ["effective_rank", "stable_rank", "rank_one_distance", "consensus_distance", "mean_cosine", "rms_norm"]

@@ -1,0 +1,386 @@
+"""Run a planned sweep: one jit-compiled, vmapped function per group, chunked, sharded, resumable.
+
+For each group (points that share shapes and options) the point function
+
+    numbers -> build Model and initial state -> simulate -> observables over depth, regime
+
+is `jax.vmap`-ed over the group's traced numbers and compiled once. Points are fed in chunks of
+`chunk_size` (the last chunk padded, so no recompile), each chunk's arrays sharded over the local
+devices along the point axis (`NamedSharding(Mesh(devices, ("points",)), P("points"))`), and each
+finished chunk written atomically. With several processes (`jax.distributed`), process p runs
+chunks p, p + P, p + 2P, ... and process 0 merges.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import xarray as xr
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .. import metrics
+from ..regimes import REGIMES, regime_code
+from ..simulate.gaussian import simulate_gaussian
+from ..simulate.particles import simulate_particles
+from .build import build_model, initial_moments, initial_tokens, point_keys
+from .config import ExperimentConfig
+from .plan import ConfigError, Group, Plan, config_hash, load_config, make_plan, set_path
+from .store import (
+    atomic_write_dataset, atomic_write_text, chunk_path, coordinate_array, done_points, git_commit,
+    merge_chunks, read_run_info,
+)
+
+OBSERVABLE_ATTRS = {
+    "effective_rank": ("effective rank exp(H(s^2/sum s^2))", "1"),
+    "stable_rank": ("stable rank ||X||_F^2/||X||_2^2", "1"),
+    "rank_one_distance": ("relative distance to rank one", "1"),
+    "consensus_distance": ("relative distance to consensus", "1"),
+    "mean_cosine": ("mean pairwise cosine", "1"),
+    "diameter": ("token diameter max |x_i - x_j|", "token units"),
+    "rms_norm": ("RMS token norm", "token units"),
+    "cov_trace": ("tr S", "token units^2"),
+    "cov_logdet": ("log det S", "1"),
+    "cov_condition": ("condition number of S", "1"),
+    "numerical_rank": ("numerical rank of S", "1"),
+    "mean_norm": ("|m|", "token units"),
+    "cluster_count": ("number of clusters", "1"),
+}
+
+
+def _dtype(cfg: ExperimentConfig):
+    if cfg.dtype == "float64":
+        if not jax.config.jax_enable_x64:
+            jax.config.update("jax_enable_x64", True)
+        return jnp.float64
+    return jnp.float32
+
+
+def _gaussian_observables(names, means, covs):
+    out = {}
+    for name in names:
+        if name == "mean_norm":
+            out[name] = jnp.linalg.norm(means, axis=-1)
+        elif name == "effective_rank":
+            out[name] = jax.vmap(metrics.gaussian_effective_rank)(means, covs)
+        elif name == "rank_one_distance":
+            out[name] = jax.vmap(metrics.gaussian_rank_one_distance)(means, covs)
+        else:
+            out[name] = jax.vmap(getattr(metrics, name))(covs).astype(means.dtype)
+    return out
+
+
+def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
+    """The per-point function `numbers -> outputs` for one group (unbatched; vmap it)."""
+    base = cfg.model_dump(mode="python", exclude={"sweep"})
+    dtype = _dtype(cfg)
+    names = cfg.observable_names()
+    sim = cfg.simulator
+    reg = cfg.regimes
+    d = cfg.model.d
+
+    def point(values):
+        tree = copy.deepcopy(base)
+        for p in traced_paths:
+            set_path(tree, p, values[p])
+        s = tree["simulator"]
+        wkey, ikey = point_keys(tree["seed"])
+        model = build_model(tree["model"], wkey, dtype)
+        common = dict(
+            n_save=s["n_save"], solver=s["solver"], dt0=s["dt0"], rtol=s["rtol"], atol=s["atol"],
+            max_steps=s["max_steps"],
+        )
+        if sim.kind == "gaussian":
+            m0, S0 = initial_moments(tree["initial"], d, dtype)
+            sol = simulate_gaussian(model, m0, S0, s["t1"], blowup_threshold=s["blowup_threshold"], **common)
+            obs = _gaussian_observables(names, sol.means, sol.covs)
+            obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
+            r1 = metrics.gaussian_rank_one_distance(sol.means[-1], sol.covs[-1])
+            blown = jnp.isfinite(sol.blowup_time) | ~sol.success
+            regime = regime_code(r1, jnp.ones_like(r1), blown, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+            return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
+                        success=sol.success.astype(jnp.int8))
+        X0 = initial_tokens(tree["initial"], d, ikey, dtype, file_tokens)
+        wanted = list(dict.fromkeys(names + ["rank_one_distance", "rms_norm"]))
+
+        def save_fn(X):
+            out = {}
+            for n in wanted:
+                out[n] = (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
+            return out
+
+        sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"], save_fn=save_fn, **common)
+        o = sol.xs
+        growth = o["rms_norm"] / o["rms_norm"][0]
+        over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
+        blowup_time = jnp.where(jnp.any(over), sol.ts[jnp.argmax(over)], jnp.inf)
+        regime = regime_code(o["rank_one_distance"][-1], growth[-1], ~sol.success,
+                             collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+        keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
+        return dict(keep, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(sol.ts.dtype),
+                    success=sol.success.astype(jnp.int8))
+
+    return point
+
+
+def auto_chunk_size(cfg: ExperimentConfig, n_devices: int) -> int:
+    """Points per batch from `output.memory_budget_gb` and a per-point memory estimate."""
+    if cfg.output.chunk_size:
+        size = cfg.output.chunk_size
+    else:
+        item = 8 if cfg.dtype == "float64" else 4
+        d, sim = cfg.model.d, cfg.simulator
+        n_obs = len(cfg.observable_names()) + 4
+        if sim.kind == "gaussian":
+            per_point = item * (sim.n_save * (2 * d * d + n_obs) + 64 * d * d + 256)
+        else:
+            n = cfg.initial.n
+            h = cfg.model.hidden or 4 * d
+            dense = sim.attention_impl == "dense" or (sim.attention_impl == "auto" and n <= 4096)
+            attn = n * n if dense else 1024 * 1024
+            per_point = item * (6 * attn + 40 * n * max(d, h) + sim.n_save * n_obs)
+        size = int(cfg.output.memory_budget_gb * 2**30 // per_point)
+        size = max(1, min(size, 2048))
+    return int(-(-size // n_devices) * n_devices)
+
+
+@dataclass
+class RunResult:
+    dataset: xr.Dataset
+    run_dir: Path
+    figures: list[Path]
+    seconds: float
+    computed: int
+
+
+def _log(msg: str, quiet: bool) -> None:
+    print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
+
+
+def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict) -> xr.Dataset:
+    T = out["t"].shape[1]
+    t = np.asarray(out["t"])
+    depth = t[0] if np.allclose(t, t[:1]) and "simulator.t1" not in plan.axes else np.arange(T)
+    data = {}
+    for name, arr in out.items():
+        arr = np.asarray(arr)
+        dims = ("point", "depth") if arr.ndim == 2 else ("point",)
+        attrs = {}
+        if name in OBSERVABLE_ATTRS:
+            attrs = {"long_name": OBSERVABLE_ATTRS[name][0], "units": OBSERVABLE_ATTRS[name][1]}
+        elif name == "regime":
+            attrs = {"long_name": "regime", "flag_values": np.arange(len(REGIMES), dtype=np.int8),
+                     "flag_meanings": " ".join(REGIMES)}
+        elif name == "blowup_time":
+            attrs = {"long_name": "blow-up depth (inf: none)", "units": "depth"}
+        elif name == "t":
+            attrs = {"long_name": "depth", "units": "depth"}
+        elif name == "success":
+            attrs = {"long_name": "solver reached t1 or a blow-up event", "units": "1"}
+        data[name] = (dims, arr, attrs)
+    coords = {"point": idx, "depth": ("depth", depth, {"long_name": "depth t", "units": "depth"})}
+    for axis in plan.axes:
+        coords[axis] = ("point", coordinate_array([plan.points[i].get(axis) for i in idx]))
+    return xr.Dataset(data, coords=coords)
+
+
+def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path | None = None) -> int:
+    """Compute every point not yet stored under `run_dir/chunks`; returns the number computed."""
+    done = done_points(run_dir)
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
+    n_proc, proc = jax.process_count(), jax.process_index()
+    remaining = sum(int(np.sum(~np.isin(g.indices, list(done)))) for g in plan.groups)
+    pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
+    bar = None
+    if not quiet and remaining:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=remaining, unit="pt", desc=plan.config.name, dynamic_ncols=True)
+    computed = 0
+    chunk_counter = 0
+    for group in plan.groups:
+        todo_mask = ~np.isin(group.indices, list(done))
+        if not todo_mask.any():
+            continue
+        cfg = group.config
+        size = auto_chunk_size(cfg, n_dev)
+        file_tokens = None
+        if cfg.initial.kind == "file":
+            f = Path(cfg.initial.path)
+            if not f.is_absolute() and source_dir is not None:
+                f = source_dir / f
+            file_tokens = np.load(f)
+            if file_tokens.shape != (cfg.initial.n, cfg.model.d):
+                raise ConfigError(
+                    f"{f}: field `initial.path`: array shape {file_tokens.shape} != (initial.n, model.d) = "
+                    f"{(cfg.initial.n, cfg.model.d)}"
+                )
+        fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
+        todo = np.flatnonzero(todo_mask)
+        for start in range(0, len(todo), size):
+            chunk_counter += 1
+            if (chunk_counter - 1) % n_proc != proc:
+                continue
+            sel = todo[start:start + size]
+            pad = size - len(sel)
+            sel_padded = np.concatenate([sel, np.repeat(sel[-1:], pad)])
+            values = {p: np.asarray(v[sel_padded]) for p, v in group.values.items()}
+            values["__point__"] = group.indices[sel_padded]  # a batch axis even when no number varies
+            if mesh is not None:
+                sharding = NamedSharding(mesh, PartitionSpec("points"))
+                values = {p: jax.device_put(v, sharding) for p, v in values.items()}
+            t0 = time.perf_counter()
+            out = fn(values)
+            out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], out)
+            idx = group.indices[sel]
+            ds = _chunk_dataset(plan, cfg, idx, out)
+            atomic_write_dataset(ds, chunk_path(run_dir, int(idx.min()), int(idx.max())))
+            computed += len(sel)
+            if bar is not None:
+                bar.update(len(sel))
+            else:
+                _log(f"[{plan.config.name}] chunk of {len(sel)} points in {time.perf_counter() - t0:.2f} s "
+                     f"({computed}/{remaining})", quiet)
+            if pause:
+                time.sleep(pause)
+    if bar is not None:
+        bar.close()
+    return computed
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, overwrite: bool = False) -> str:
+    """Check an existing output directory against the config; refuse to mix different configs."""
+    h = config_hash(cfg)
+    info = read_run_info(run_dir)
+    if info is not None and info.get("config_hash") != h:
+        if not overwrite:
+            raise ConfigError(
+                f"{run_dir}: holds a run of a different config (hash {info.get('config_hash')} there, {h} now); "
+                "pass --out to write elsewhere, or --overwrite to replace it"
+            )
+    if overwrite and run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    return h
+
+
+def run_experiment(
+    source: str | Path | ExperimentConfig,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    plots: bool = True,
+) -> RunResult:
+    """Validate, plan, run (resuming), merge, plot. The library call behind `meanfield run`."""
+    import importlib.metadata
+
+    t_start = time.perf_counter()
+    source_dir = None
+    if isinstance(source, ExperimentConfig):
+        cfg, src = source, "<config>"
+    else:
+        cfg, src = load_config(source), str(source)
+        source_dir = Path(source).resolve().parent
+    plan = make_plan(cfg, source=src)  # every point validated before anything is written
+    run_dir = Path(out or cfg.output.dir or Path("runs") / cfg.name)
+    h = prepare_run_dir(cfg, run_dir, overwrite=overwrite)
+    (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    try:
+        version = importlib.metadata.version("meanfield")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    info = {
+        "config_hash": h, "name": cfg.name, "n_points": plan.n_points, "meanfield_version": version,
+        "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()],
+        "git_commit": git_commit(source_dir or Path.cwd()),
+    }
+    if jax.process_index() == 0:
+        atomic_write_text(config_yaml, run_dir / "config.yaml")
+        prev = read_run_info(run_dir) or {}
+        atomic_write_text(__import__("json").dumps({**prev, **info, "status": "running"}, indent=1), run_dir / "run.json")
+    n_done_before = len(done_points(run_dir))
+    if n_done_before and not quiet:
+        _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
+    computed = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("meanfield-merge")
+    ds = merge_chunks(run_dir)
+    ds.attrs.update({
+        "name": cfg.name, "description": cfg.description, "config_yaml": config_yaml, "config_hash": h,
+        "meanfield_version": version, "jax_version": jax.__version__,
+        "devices": ", ".join(info["devices"]), "git_commit": info["git_commit"] or "none",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "simulator": cfg.simulator.kind, "grid_axes": " ".join(plan.grid_axes()),
+        "sweep_axes": " ".join(plan.axes),
+    })
+    figures: list[Path] = []
+    if jax.process_index() == 0:
+        atomic_write_dataset(ds, run_dir / "results.nc")
+        atomic_write_text(__import__("json").dumps({**info, "status": "complete"}, indent=1), run_dir / "run.json")
+        if plots:
+            from .plots import plot_run
+
+            figures = plot_run(ds, cfg, run_dir / "figures")
+    return RunResult(ds, run_dir, figures, time.perf_counter() - t_start, computed)
+
+
+def summary_table(ds: xr.Dataset) -> str:
+    """A short text summary: regime counts overall and along the first sweep axis."""
+    reg = ds["regime"].values
+    n = reg.size
+    lines = [f"{n} points: " + ", ".join(f"{name} {int(np.sum(reg == i))}" for i, name in enumerate(REGIMES))]
+    if "blowup_time" in ds and np.any(np.isfinite(ds["blowup_time"].values)):
+        bt = ds["blowup_time"].values
+        lines.append(f"blow-up depth: min {np.nanmin(bt[np.isfinite(bt)]):.4g}, "
+                     f"median {np.median(bt[np.isfinite(bt)]):.4g} over {int(np.isfinite(bt).sum())} points")
+    axes = ds.attrs.get("sweep_axes", "").split()
+    if axes:
+        axis = axes[0]
+        vals = ds[axis].values
+        uniq = list(dict.fromkeys(vals.tolist()))
+        if len(uniq) <= 40:
+            header = f"{axis:>24} | " + " | ".join(f"{r:>8}" for r in REGIMES) + " | final " + _final_name(ds)
+            lines += [header, "-" * len(header)]
+            fin = _final_values(ds)
+            for u in uniq:
+                sel = vals == u
+                counts = " | ".join(f"{int(np.sum(reg[sel] == i)):>8}" for i in range(len(REGIMES)))
+                label = f"{u:.4g}" if isinstance(u, float) else str(u)
+                lines.append(f"{label:>24} | {counts} | {np.nanmean(fin[sel]):.4g}")
+    return "\n".join(lines)
+
+
+def _final_name(ds) -> str:
+    for name in ("effective_rank", "cov_trace"):
+        if name in ds:
+            return name
+    return "t"
+
+
+def _final_values(ds) -> np.ndarray:
+    arr = ds[_final_name(ds)].values
+    if arr.ndim == 1:
+        return arr
+    # last finite value along depth
+    out = np.full(arr.shape[0], np.nan)
+    for i, row in enumerate(arr):
+        fin = row[np.isfinite(row)]
+        if fin.size:
+            out[i] = fin[-1]
+    return out
