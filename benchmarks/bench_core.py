@@ -39,6 +39,9 @@ Benchmarks
    exact GELU x*Phi(x) via `scipy.special.erf`, or, when SciPy is not importable, the
    Abramowitz-Stegun 7.1.26 erf, |error| <= 1.5e-7, and the output says so).
    Ratio = NumPy time / JAX time (the `simulate_particles` path of 1). Target: >= 2x.
+   Contention check: NumPy and JAX matmuls of (n x d)@(d x d) and (n x n)@(n x d) are timed in
+   the same rounds; if NumPy's are > 1.5x slower, its multi-threaded BLAS was starved by other
+   processes (NumPy then slows far more than XLA) and the ratio is flagged as inflated.
 3. **Batch of 256 small systems** (n = 32, d = 3, softmax + GELU MLP, `norm="sphere"`), 100
    RK4 steps each: ONE jitted `jax.vmap` of `simulate_particles` over stacked models
    (`jax.tree.map(lambda *xs: jnp.stack(xs), *models)`) and initial conditions, vs a Python
@@ -85,6 +88,8 @@ except ImportError:  # pragma: no cover - SciPy is usually present
 
 GIB = 1024**3
 MIB = 1024**2
+CONTENTION_THRESHOLD = 1.5
+"""NumPy matmul time / JAX matmul time above which benchmark 2 is flagged as contended."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +306,7 @@ def bench_step(cfg: Config) -> list[Row]:
         print(f"  note: simulate_particles took {steps_taken} steps for t1 = {K} * dt (expected {K})")
 
     p, Xn = numpy_params(model), np.asarray(X)
+    An, Bn, Qn = np.asarray(A), np.asarray(B), np.asarray(model.Q)
     dt32 = np.float32(dt)
     np_step = lambda: np_rk4_step(p, Xn, dt32, sphere=False)  # noqa: E731
 
@@ -317,6 +323,9 @@ def bench_step(cfg: Config) -> list[Row]:
             "numpy": Case(np_step, warmup=True),
             "matmul_nxnxd": Case(lambda: matmul(A, B), number=10),
             "matmul_n3": Case(lambda: matmul(A, A), number=3),
+            "numpy_matmul_nxnxd": Case(lambda: An @ Bn, number=10),
+            "matmul_nxdxd": Case(lambda: matmul(X, model.Q), number=20),
+            "numpy_matmul_nxdxd": Case(lambda: Xn @ Qn, number=20),
         },
         cfg.rounds,
     )
@@ -367,6 +376,25 @@ def bench_step(cfg: Config) -> list[Row]:
         + f"  (4 evals = {_fmt_time(4 * parts['field_eval'].median)} vs step {_fmt_time(t_lib)})"
     )
     print(f"  max |JAX - NumPy| after one step: {diff:.2e}; |simulate_particles - hand step|: {diff_hand:.2e}")
+    # Contention check: on a quiet machine NumPy's BLAS and XLA multiply at similar speeds. If
+    # NumPy's matmuls are much slower than XLA's in the same rounds, its BLAS threads were starved
+    # (with a core taken by another process, every multi-threaded BLAS call waits for a scheduler
+    # slice, several ms, which swamps the small (n, d) @ (d, d) products) and the JAX/NumPy ratio
+    # is inflated.
+    slow_small = t["numpy_matmul_nxdxd"].median / t["matmul_nxdxd"].median
+    slow_large = t["numpy_matmul_nxnxd"].median / t["matmul_nxnxd"].median
+    blas_slowdown = max(slow_small, slow_large)
+    print(
+        f"  contention check, NumPy / JAX matmul time: ({n}x{d})@({d}x{d}) "
+        f"{_fmt_time(t['numpy_matmul_nxdxd'].median)} / {_fmt_time(t['matmul_nxdxd'].median)} = {slow_small:.2f}x, "
+        f"({n}x{n})@({n}x{d}) {slow_large:.2f}x"
+    )
+    contended = blas_slowdown > CONTENTION_THRESHOLD
+    if contended:
+        print(
+            f"  WARNING: NumPy's BLAS ran {blas_slowdown:.1f}x slower than XLA's matmul: CPU contention "
+            "likely; the JAX/NumPy ratio (2) is inflated in this run"
+        )
 
     common = {
         "n": n, "d": d, "k": k, "h": h, "dt": dt, "steps_per_call": K, "steps_taken": steps_taken,
@@ -402,11 +430,13 @@ def bench_step(cfg: Config) -> list[Row]:
         benchmark=f"2 RK4 step n={n} d={d}: JAX vs NumPy",
         measured=f"JAX {_fmt_time(t_lib)}",
         baseline=f"NumPy {_fmt_time(t['numpy'].median)}",
-        ratio=speedup, ratio_text=f"{speedup:.2f}x",
+        ratio=speedup, ratio_text=f"{speedup:.2f}x" + (" *" if contended else ""),
         target=">= 2x", met=speedup >= 2.0,
         details={
             "numpy_seconds": asdict(t["numpy"]), "jax_seconds_per_step": t_lib,
             "speedup_vs_hand_step": t["numpy"].median / t_hand,
+            "numpy_over_jax_matmul_time": {"nxdxd": slow_small, "nxnxd": slow_large},
+            "contention_suspected": contended,
             "numpy_erf": ERF_NAME,
             "max_abs_diff": diff,
         },
@@ -672,6 +702,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows)
     missed = [r.benchmark for r in rows if r.met is False]
+    if any(r.details.get("contention_suspected") for r in rows):
+        print(
+            f"* NumPy's BLAS ran more than {CONTENTION_THRESHOLD}x slower than XLA's matmul in the same "
+            "rounds: CPU contention suspected, this ratio is inflated; rerun on a quiet machine"
+        )
     print(f"\n{len(rows) - len(missed)}/{len(rows)} targets met; total time {total:.0f} s")
     print(
         f"load average at end: {_fmt_load(load_end)} (this run itself keeps up to "

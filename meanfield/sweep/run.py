@@ -58,11 +58,8 @@ OBSERVABLE_ATTRS = {
 
 
 def _dtype(cfg: ExperimentConfig):
-    if cfg.dtype == "float64":
-        if not jax.config.jax_enable_x64:
-            jax.config.update("jax_enable_x64", True)
-        return jnp.float64
-    return jnp.float32
+    """float32, or float64 (the caller runs the group inside `jax.enable_x64(True)`)."""
+    return jnp.float64 if cfg.dtype == "float64" else jnp.float32
 
 
 def _gaussian_observables(names, means, covs):
@@ -226,36 +223,43 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
                     f"{f}: field `initial.path`: array shape {file_tokens.shape} != (initial.n, model.d) = "
                     f"{(cfg.initial.n, cfg.model.d)}"
                 )
-        fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
-        todo = np.flatnonzero(todo_mask)
-        for start in range(0, len(todo), size):
-            chunk_counter += 1
-            if (chunk_counter - 1) % n_proc != proc:
-                continue
-            sel = todo[start:start + size]
-            pad = size - len(sel)
-            sel_padded = np.concatenate([sel, np.repeat(sel[-1:], pad)])
-            values = {p: np.asarray(v[sel_padded]) for p, v in group.values.items()}
-            values["__point__"] = group.indices[sel_padded]  # a batch axis even when no number varies
-            if mesh is not None:
-                sharding = NamedSharding(mesh, PartitionSpec("points"))
-                values = {p: jax.device_put(v, sharding) for p, v in values.items()}
-            t0 = time.perf_counter()
-            out = fn(values)
-            out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], out)
-            idx = group.indices[sel]
-            ds = _chunk_dataset(plan, cfg, idx, out)
-            atomic_write_dataset(ds, chunk_path(run_dir, int(idx.min()), int(idx.max())))
-            computed += len(sel)
-            if bar is not None:
-                bar.update(len(sel))
-            else:
-                _log(f"[{plan.config.name}] chunk of {len(sel)} points in {time.perf_counter() - t0:.2f} s "
-                     f"({computed}/{remaining})", quiet)
-            if pause:
-                time.sleep(pause)
+        with jax.enable_x64(cfg.dtype == "float64"):
+            computed += _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc,
+                                   bar, quiet, pause, chunk_counter, remaining, computed)
+            chunk_counter += -(-int(todo_mask.sum()) // size)
     if bar is not None:
         bar.close()
+    return computed
+
+
+def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc, bar, quiet, pause,
+               chunk_counter, remaining, computed_before) -> int:
+    """Run the missing points of one group in chunks of `size`; returns the number computed."""
+    fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
+    todo = np.flatnonzero(~np.isin(group.indices, list(done)))
+    computed = 0
+    for k, start in enumerate(range(0, len(todo), size)):
+        if (chunk_counter + k) % n_proc != proc:
+            continue
+        sel = todo[start:start + size]
+        sel_padded = np.concatenate([sel, np.repeat(sel[-1:], size - len(sel))])  # no recompile
+        values = {p: np.asarray(v[sel_padded]) for p, v in group.values.items()}
+        values["__point__"] = group.indices[sel_padded]  # a batch axis even when no number varies
+        if mesh is not None:
+            sharding = NamedSharding(mesh, PartitionSpec("points"))
+            values = {p: jax.device_put(v, sharding) for p, v in values.items()}
+        t0 = time.perf_counter()
+        out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], fn(values))
+        idx = group.indices[sel]
+        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out), chunk_path(run_dir, int(idx.min()), int(idx.max())))
+        computed += len(sel)
+        if bar is not None:
+            bar.update(len(sel))
+        else:
+            _log(f"[{plan.config.name}] chunk of {len(sel)} points in {time.perf_counter() - t0:.2f} s "
+                 f"({computed_before + computed}/{remaining})", quiet)
+        if pause:
+            time.sleep(pause)
     return computed
 
 
