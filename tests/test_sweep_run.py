@@ -145,4 +145,5 @@ def test_four_devices_give_the_one_device_results(tmp_path):
     sharded = mf.load_run(tmp_path / "sharded")
     assert len(sharded.attrs["devices"].split(", ")) == 4
     single = run_experiment(config_from_dict(raw), out=tmp_path / "single", quiet=True).dataset
-    xr.testing.assert_allclose(sharded.drop_attrs(), single.drop_attrs(), rtol=1e-6)
+    # Different XLA batching: float32 results agree to a few ulps (measured max 3.6e-7).
+    xr.testing.assert_allclose(sharded.drop_attrs(), single.drop_attrs(), rtol=1e-6, atol=1e-6)
