@@ -615,7 +615,8 @@ def print_table(rows: list[Row]) -> None:
     headers = ("benchmark", "measured", "baseline", "ratio", "target", "met")
     cells = [
         (r.benchmark, r.measured, r.baseline, r.ratio_text, r.target,
-         "n/a" if r.met is None else ("YES" if r.met else "NO (missed)"))
+         "n/a" if r.met is None else ("YES" if r.met else "NO (missed)")
+         + (" *" if r.details.get("contention_suspected") else ""))
         for r in rows
     ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
@@ -707,7 +708,12 @@ def main(argv: list[str] | None = None) -> int:
             f"* NumPy's BLAS ran more than {CONTENTION_THRESHOLD}x slower than XLA's matmul in the same "
             "rounds: CPU contention suspected, this ratio is inflated; rerun on a quiet machine"
         )
-    print(f"\n{len(rows) - len(missed)}/{len(rows)} targets met; total time {total:.0f} s")
+    flagged = sum(bool(r.details.get("contention_suspected")) for r in rows)
+    print(
+        f"\n{len(rows) - len(missed)}/{len(rows)} targets met"
+        + (f" ({flagged} flagged *, see above)" if flagged else "")
+        + f"; total time {total:.0f} s"
+    )
     print(
         f"load average at end: {_fmt_load(load_end)} (this run itself keeps up to "
         f"{os.cpu_count()} cores busy; more means other processes competed for the CPU)"

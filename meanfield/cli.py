@@ -61,7 +61,7 @@ def _cmd_plot(args) -> int:
 
     run_dir = Path(args.run_dir)
     ds = load_run(run_dir)
-    cfg = config_from_dict(yaml.safe_load(ds.attrs["config_yaml"]), source=str(run_dir / "config.yaml"))
+    cfg = config_from_dict(yaml.safe_load(ds.attrs["config_yaml"]), source=str(run_dir / "config.yaml"), check_files=False)
     for f in plot_run(ds, cfg, run_dir / "figures"):
         print(f"figure: {f}")
     return 0

@@ -147,3 +147,26 @@ def test_four_devices_give_the_one_device_results(tmp_path):
     single = run_experiment(config_from_dict(raw), out=tmp_path / "single", quiet=True).dataset
     # Different XLA batching: float32 results agree to a few ulps (measured max 3.6e-7).
     xr.testing.assert_allclose(sharded.drop_attrs(), single.drop_attrs(), rtol=1e-6, atol=1e-6)
+
+
+def test_initial_tokens_from_file_and_plot_command(tmp_path):
+    X0 = np.asarray(mf.sphere_uniform(jax.random.key(5), 8, 2))
+    np.save(tmp_path / "tokens.npy", X0)
+    raw = _particles(initial={"kind": "file", "n": 8, "path": "tokens.npy"}, sweep={"grid": {"model.beta": [1.0, 2.0]}},
+                     plots={"curves": {"observable": "effective_rank"}})
+    f = _write(tmp_path, raw)
+    res = run_experiment(f, out=tmp_path / "file_run", quiet=True)
+    model = mf.Model.random(jax.random.fold_in(jax.random.key(0), 0), 2, beta=2.0, activation="tanh", norm="sphere")
+    sol = mf.simulate_particles(model, X0, 2.0, n_save=5, save_fn=mf.metrics.effective_rank)
+    np.testing.assert_allclose(res.dataset["effective_rank"].values[1], sol.xs, rtol=1e-5)
+    # `meanfield plot RUN_DIR` redraws the figures from the stored dataset and config.
+    for p in (tmp_path / "file_run" / "figures").glob("*"):
+        p.unlink()
+    from meanfield.cli import main
+
+    assert main(["plot", str(tmp_path / "file_run")]) == 0
+    assert (tmp_path / "file_run" / "figures" / "effective_rank_vs_depth.png").stat().st_size > 10_000
+    # A file of the wrong shape is refused with the field named.
+    np.save(tmp_path / "tokens.npy", X0[:5])
+    with pytest.raises(ConfigError, match="initial.path"):
+        run_experiment(f, out=tmp_path / "bad_file_run", quiet=True)

@@ -228,6 +228,7 @@ class RegimeMapPlot(_Strict):
     x: str
     y: str
     observable: str = "effective_rank"
+    facet: str | None = Field(None, description="a third axis: one panel per value")
 
 
 class CurvesPlot(_Strict):

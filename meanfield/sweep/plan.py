@@ -108,14 +108,15 @@ def load_config(path: str | Path) -> ExperimentConfig:
     return config_from_dict(raw, source=str(path))
 
 
-def config_from_dict(raw: Any, source: str = "<config>") -> ExperimentConfig:
+def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
+    """Validate a parsed config; `check_files` also requires `initial.path` to exist."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the file must hold a mapping (name:, model:, ...); got {type(raw).__name__}")
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation(err, source)) from None
-    if cfg.initial.kind == "file":
+    if cfg.initial.kind == "file" and check_files:
         f = Path(cfg.initial.path)
         if not f.is_absolute() and source not in ("<config>",):
             f = Path(source).parent / f

@@ -136,6 +136,27 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
     return ax.figure
 
 
+def regime_map_panels(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank", facet: str | None = None):
+    """`regime_map` once per value of `facet` (side by side), or once if `facet` is None."""
+    if facet is None:
+        return regime_map(ds, x, y, observable)
+    if facet not in ds.coords:
+        raise ValueError(f"regime_map: facet `{facet}` is not a sweep axis; axes: {ds.attrs.get('sweep_axes', '')}")
+    values = list(dict.fromkeys(ds[facet].values.tolist()))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(values), figsize=(4.6 * len(values) + 1.6, 4.6), layout="constrained", squeeze=False)
+        for k, (v, ax) in enumerate(zip(values, axes[0])):
+            sub = ds.isel(point=np.flatnonzero(ds[facet].values == v))
+            regime_map(sub, x, y, observable, ax=ax)
+            ax.set_title(f"{facet} = {_label(v)}")
+            if k < len(values) - 1 and ax.get_legend() is not None:
+                ax.get_legend().remove()
+            if k > 0:
+                ax.set_ylabel("")
+        fig.suptitle(f"regimes of {ds.attrs.get('name', 'run')}" + (f" (numbers: final {observable})" if observable in ds else ""))
+    return fig
+
+
 def depth_curves(ds: xr.Dataset, observable: str = "effective_rank", hue: str | None = None, ax=None, max_lines: int = 40):
     """`observable` against depth: one line per `hue` value (mean over the other points, with a
     min-max band), or one line per point when there is no hue and few points."""
@@ -207,7 +228,7 @@ def plot_run(ds: xr.Dataset, cfg, fig_dir: Path) -> list[Path]:
             rm = RegimeMapPlot(x=non_seed[0], y=non_seed[1], observable=cfg.observable_names()[0])
     if rm is not None:
         obs = rm.observable if rm.observable in ds else cfg.observable_names()[0]
-        paths += _save(regime_map(ds, rm.x, rm.y, obs), fig_dir / "regime_map", formats)
+        paths += _save(regime_map_panels(ds, rm.x, rm.y, obs, rm.facet), fig_dir / "regime_map", formats)
     curves = cfg.plots.curves
     if curves is not None:
         obs = curves.observable if curves.observable in ds else cfg.observable_names()[0]
