@@ -52,5 +52,6 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
         XT, X0 = xs[-1], xs[0]
         growth = metrics.rms_norm(XT) / jnp.maximum(metrics.rms_norm(X0), jnp.finfo(XT.dtype).tiny)
         r1 = metrics.rank_one_distance(jnp.where(jnp.isfinite(XT), XT, 0.0))
-        return regime_code(r1, growth, ~solution.success, collapse_tol=collapse_tol, growth_limit=growth_limit)
+        blown = ~solution.success | solution.blown_up
+        return regime_code(r1, growth, blown, collapse_tol=collapse_tol, growth_limit=growth_limit)
     raise TypeError(f"classify: expected a GaussianSolution or ParticleSolution; got {type(solution).__name__}.")

@@ -105,6 +105,22 @@ def test_input_validation(key):
         mf.simulate_particles(model, jnp.ones((4, 3)), 1.0, solver="rk45")
 
 
+def test_blowup_event_stops_an_exploding_run(key):
+    """dx/dt = 5x: the RMS norm crosses 1e8 x its start at t = ln(1e8)/5 = 3.684; the solve stops
+    there (end of that step) instead of overflowing until max_steps."""
+    model = _linear_model(5.0 * jnp.eye(2))
+    X0 = jax.random.normal(key, (6, 2))
+    sol = mf.simulate_particles(model, X0, 20.0, n_save=201)
+    assert bool(sol.blown_up) and bool(sol.success)
+    assert np.log(1e8) / 5 <= float(sol.t_end) < np.log(1e8) / 5 + 0.2
+    reached = np.asarray(sol.ts) <= float(sol.t_end)
+    assert np.all(np.isfinite(sol.xs[reached])) and np.all(np.isinf(sol.xs[~reached]))
+    assert int(sol.num_steps) < 200
+    assert int(mf.classify(sol)) == mf.REGIMES.index("blowup")
+    free = mf.simulate_particles(model, X0, 2.0, n_save=3, blowup_growth=None)
+    np.testing.assert_allclose(free.xs[-1], X0 * np.exp(10.0), rtol=1e-4)
+
+
 def test_failure_is_reported_not_raised(key):
     model = mf.Model.random(key, 3)
     sol = mf.simulate_particles(model, jax.random.normal(key, (4, 3)), 10.0, max_steps=2)

@@ -25,8 +25,11 @@ class ParticleSolution(eqx.Module):
     Attributes:
         ts: save times, shape (T,).
         xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time.
-        success: whether the solver reached t1 (False: max_steps hit or step size collapsed;
-            saves after the failure hold inf).
+        success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit
+            or step size collapsed; saves after a failure hold inf).
+        blown_up: whether the token scale crossed `blowup_growth` (the solve stopped there;
+            later saves hold inf).
+        t_end: the depth the solve reached.
         num_steps: accepted solver steps.
         solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`).
     """
@@ -34,6 +37,8 @@ class ParticleSolution(eqx.Module):
     ts: jax.Array
     xs: Any
     success: jax.Array
+    blown_up: jax.Array
+    t_end: jax.Array
     num_steps: jax.Array
     solution: diffrax.Solution
 
@@ -77,6 +82,7 @@ def simulate_particles(
     save_fn: Callable[[Tokens], Any] | None = None,
     dense: bool = False,
     progress: bool = False,
+    blowup_growth: float | None = 1e8,
 ) -> ParticleSolution:
     r"""Solve the token ODE $\dot x_i = a_\text{attn}\mathrm{Attn}(x_i;X) + a_\text{mlp}\mathrm{MLP}(x_i)$.
 
@@ -93,6 +99,9 @@ def simulate_particles(
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
         dense: also keep dense output, available through `.evaluate(t)`.
         progress: show a tqdm progress bar over depth.
+        blowup_growth: stop (a diffrax event) once the RMS token norm exceeds this multiple of
+            its initial value; None never stops. Without it an exploding run spends `max_steps`
+            on overflowing values, and in a vmapped batch every lane waits for it.
 
     Returns:
         `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables).
@@ -112,16 +121,26 @@ def simulate_particles(
     return _solve(
         model, X0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
         None if dt0 is None else jnp.asarray(dt0, model.dtype),
-        solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense, progress,
+        solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense, progress, blowup_growth,
     )
 
 
 @eqx.filter_jit
-def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress):
+def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress,
+           blowup_growth):
     def vector_field(t, X, args):
         return particle_field(t, X, args, impl=impl, block_size=block_size)
 
     fn = (lambda t, y, args: y) if save_fn is None else (lambda t, y, args: save_fn(y))
+    event = None
+    if blowup_growth is not None:
+        limit = (blowup_growth ** 2) * jnp.maximum(jnp.mean(jnp.sum(X0 * X0, axis=-1)), jnp.finfo(X0.dtype).tiny)
+
+        def too_big(t, y, args, **kwargs):
+            ms = jnp.mean(jnp.sum(y * y, axis=-1))
+            return (ms > limit) | ~jnp.isfinite(ms)
+
+        event = diffrax.Event(too_big)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
         solver,
@@ -130,11 +149,24 @@ def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, bloc
         dt0,
         X0,
         args=model,
-        saveat=diffrax.SaveAt(ts=ts, fn=fn, dense=dense),
+        saveat=diffrax.SaveAt(ts=ts, fn=fn, dense=dense, t1=True),
+        event=event,
         stepsize_controller=controller,
         max_steps=max_steps,
         throw=False,
         progress_meter=progress_meter(progress),
     )
-    success = sol.result == diffrax.RESULTS.successful
-    return ParticleSolution(ts=ts, xs=sol.ys, success=success, num_steps=sol.stats["num_accepted_steps"], solution=sol)
+    blown = sol.result == diffrax.RESULTS.event_occurred
+    if sol.event_mask is not None:
+        blown = blown | jnp.any(jnp.asarray(sol.event_mask))
+    success = (sol.result == diffrax.RESULTS.successful) | blown
+    # With SaveAt(t1=True) the final state follows the saves reached (diffrax packs it there when
+    # an event stops early); keep only the requested save times, inf where they were not reached.
+    t_all = jnp.where(jnp.isfinite(sol.ts), sol.ts, -jnp.inf)
+    t_end = jnp.max(t_all)
+    reached = ts <= t_end
+    ys = jax.tree.map(
+        lambda a: jnp.where(reached.reshape((-1,) + (1,) * (a.ndim - 1)), a[:-1], jnp.inf), sol.ys
+    )
+    return ParticleSolution(ts=ts, xs=ys, success=success, blown_up=blown, t_end=t_end,
+                            num_steps=sol.stats["num_accepted_steps"], solution=sol)

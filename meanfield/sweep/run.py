@@ -115,12 +115,14 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
                 out[n] = (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
             return out
 
-        sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"], save_fn=save_fn, **common)
+        sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"], save_fn=save_fn,
+                                 blowup_growth=100 * reg.growth_limit, **common)
         o = sol.xs
         growth = o["rms_norm"] / o["rms_norm"][0]
         over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
-        blowup_time = jnp.where(jnp.any(over), sol.ts[jnp.argmax(over)], jnp.inf)
-        regime = regime_code(o["rank_one_distance"][-1], growth[-1], ~sol.success,
+        first_over = jnp.where(jnp.any(over), sol.ts[jnp.argmax(over)], jnp.inf)
+        blowup_time = jnp.where(sol.blown_up, jnp.minimum(first_over, sol.t_end), first_over)
+        regime = regime_code(o["rank_one_distance"][-1], growth[-1], ~sol.success | sol.blown_up,
                              collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
         keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
         return dict(keep, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(sol.ts.dtype),
