@@ -9,6 +9,12 @@ Thresholds (keyword arguments, documented defaults):
   rank one: particles `rank_one_distance(X_T)` $=\sqrt{1 - s_1^2/\sum s^2}$, moments the same
   quantity for $G = mm^\top + S$. Consensus (all tokens equal) is a special case.
 - **stable** (code 1): neither.
+
+The collapse test is scale-free on purpose: it asks whether the token *configuration* has become
+one-dimensional. A cloud that shrinks to a point while keeping an isotropic shape (e.g. the Gaussian
+moment ODE with V = vI, K^T Q = aI, va < 0 and m = 0: every eigenvalue of S decays like
+1/(2|va| t)) is labelled stable; look at `cov_trace` or `rms_norm` for its size. Two antipodal
+clusters are rank one and count as collapse.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from .network import tokens_from_kernel as tokens_from_kernel
 from .sde import ShapedSDESolution as ShapedSDESolution
 from .sde import diffusion_coefficients as diffusion_coefficients
 from .sde import kernel_correlations as kernel_correlations
+from .sde import ks_distance as ks_distance
 from .sde import offdiag_correlations as offdiag_correlations
 from .sde import shaped_diffusion_cov as shaped_diffusion_cov
 from .sde import shaped_drift as shaped_drift
@@ -25,5 +26,5 @@ from .sde import simulate_shaped_sde as simulate_shaped_sde
 __all__ = [
     "ShapedTransformer", "shaped_network_kernels", "literal_block", "tokens_from_kernel", "clipped_cholesky",
     "simulate_shaped_sde", "ShapedSDESolution", "shaped_drift", "shaped_diffusion_cov",
-    "diffusion_coefficients", "kernel_correlations", "offdiag_correlations",
+    "diffusion_coefficients", "kernel_correlations", "ks_distance", "offdiag_correlations",
 ]

@@ -33,8 +33,8 @@ so we add no Stratonovich correction (SHAPED.md §4).
 
 Blow-up and PSD. The attention drift is cubic in V, so paths can explode in finite time.
 A path whose $\operatorname{tr}V$ (or, for an indefinite iterate, any $|V_{ab}|$) exceeds
-`explode_threshold`, or which becomes non-finite, is frozen: both vector fields return 0 from then on. It is flagged in `exploded` and never
-becomes NaN. Euler–Maruyama can leave the PSD cone near $\rho = \pm1$. The diffusion then uses
+`explode_threshold`, or which becomes non-finite, is frozen: both vector fields return 0 from
+then on. It is flagged in `exploded` and never becomes NaN. Euler–Maruyama can leave the PSD cone near $\rho = \pm1$. The diffusion then uses
 `clipped_cholesky`, which equals the Cholesky factor for PD V and never gives NaN; $\nu$ clips
 $\rho$ to [-1, 1]. Such saves are not projected; they are reported in `min_eig` so you can count them.
 """
@@ -154,6 +154,21 @@ def offdiag_correlations(V: Float[Array, "... m m"]) -> Float[Array, "... p"]:
     m = V.shape[-1]
     i, j = np.triu_indices(m, k=1)
     return kernel_correlations(V)[..., i, j]
+
+
+def ks_distance(a, b) -> float:
+    r"""Two-sample Kolmogorov–Smirnov statistic $\sup_x |F_a(x) - F_b(x)|$ of two 1-d samples (NumPy only).
+
+    Both empirical CDFs are evaluated at every pooled sample point (right-continuous), which attains the sup.
+    """
+    a = np.sort(np.asarray(a, np.float64).ravel())
+    b = np.sort(np.asarray(b, np.float64).ravel())
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"ks_distance: both samples must be non-empty; got sizes {a.size} and {b.size}.")
+    x = np.concatenate([a, b])
+    Fa = np.searchsorted(a, x, side="right") / a.size
+    Fb = np.searchsorted(b, x, side="right") / b.size
+    return float(np.max(np.abs(Fa - Fb)))
 
 
 class ShapedSDESolution(eqx.Module):
