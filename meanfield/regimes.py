@@ -2,9 +2,11 @@ r"""Label a run: collapse, stable, or blow-up.
 
 Thresholds (keyword arguments, documented defaults):
 
-- **blow-up** (code 2): the Gaussian solve hit its blow-up event (`blowup_time < inf`), or the
-  solver failed, or for particles the token scale grew by more than `growth_limit` (default 1e6:
-  $\mathrm{rms}|x|(T)/\mathrm{rms}|x|(0) > 10^6$) or became non-finite.
+- **blow-up** (code 2): the Gaussian solve hit its blow-up event (`blowup_time < inf`) or failed,
+  or for particles the solve stopped at its blow-up event, or the token scale grew by more than
+  `growth_limit` (default 1e6: $\mathrm{rms}|x|(T)/\mathrm{rms}|x|(0) > 10^6$) or became
+  non-finite. A particle solve that failed otherwise (max_steps: e.g. a saturated softmax making
+  the field nonsmooth) is judged on its last reached save; its `success` flag says so.
 - **collapse** (code 0): otherwise, if the final state is within `collapse_tol` (default 1e-2) of
   rank one: particles `rank_one_distance(X_T)` $=\sqrt{1 - s_1^2/\sum s^2}$, moments the same
   quantity for $G = mm^\top + S$. Consensus (all tokens equal) is a special case.
@@ -55,9 +57,10 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
                 "classify: the ParticleSolution saved observables, not tokens; call "
                 "`regime_code(rank_one_distance, growth, blown_up)` with the saved values instead."
             )
-        XT, X0 = xs[-1], xs[0]
+        reached = jnp.all(jnp.isfinite(xs), axis=(-2, -1))
+        last = jnp.max(jnp.where(reached, jnp.arange(xs.shape[0]), 0))
+        XT, X0 = xs[last], xs[0]
         growth = metrics.rms_norm(XT) / jnp.maximum(metrics.rms_norm(X0), jnp.finfo(XT.dtype).tiny)
-        r1 = metrics.rank_one_distance(jnp.where(jnp.isfinite(XT), XT, 0.0))
-        blown = ~solution.success | solution.blown_up
-        return regime_code(r1, growth, blown, collapse_tol=collapse_tol, growth_limit=growth_limit)
+        r1 = metrics.rank_one_distance(XT)
+        return regime_code(r1, growth, solution.blown_up, collapse_tol=collapse_tol, growth_limit=growth_limit)
     raise TypeError(f"classify: expected a GaussianSolution or ParticleSolution; got {type(solution).__name__}.")

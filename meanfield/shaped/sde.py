@@ -92,10 +92,10 @@ def shaped_drift(V: Kernel, *, gamma_attn2: float, gamma_mlp2: float, tau0: floa
     attn = (jnp.trace(Vt @ V) / m**2) * V + (jnp.outer(d, Vu) + jnp.outer(Vu, d)) / (2 * m)
     sq = jnp.sqrt(jnp.maximum(jnp.outer(d, d), 0.0))
     rho = jnp.clip(V / jnp.where(sq > 0, sq, 1.0), -1.0, 1.0)
-    nu = (float(c_plus) - float(c_minus)) ** 2 / (2 * math.pi) * (
+    nu = (c_plus - c_minus) ** 2 / (2 * math.pi) * (
         jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) - rho * jnp.arccos(rho)
     )
-    return (float(gamma_attn2) / float(tau0) ** 2) * attn + float(gamma_mlp2) * nu * sq
+    return (gamma_attn2 / tau0**2) * attn + gamma_mlp2 * nu * sq
 
 
 def shaped_diffusion_cov(V: Kernel, *, gamma_attn2: float, gamma_mlp2: float, tau0: float) -> DiffusionTensor:
@@ -118,7 +118,7 @@ def noise_factors(V: Kernel) -> tuple[Kernel, Kernel]:
 
 def shaped_noise(L: Kernel, F: Kernel, dW: Float[Array, "2 m m"], *, a_lin: float, a_G: float) -> Kernel:
     r"""$dM = \sqrt{a_\text{lin}/2}(L\,dW_1L^\top + \cdot^\top) + \sqrt{a_G}(L\,dW_2F^\top + \cdot^\top)$ (SHAPED.md §2)."""
-    S = math.sqrt(a_lin / 2.0) * (L @ dW[0] @ L.T) + math.sqrt(a_G) * (L @ dW[1] @ F.T)
+    S = jnp.sqrt(a_lin / 2.0) * (L @ dW[0] @ L.T) + jnp.sqrt(a_G) * (L @ dW[1] @ F.T)
     return S + S.T
 
 
@@ -128,8 +128,8 @@ class KernelNoiseTerm(diffrax.AbstractTerm):
 
     factors: Callable
     control: diffrax.AbstractPath
-    a_lin: float = eqx.field(static=True)
-    a_G: float = eqx.field(static=True)
+    a_lin: jax.Array
+    a_G: jax.Array
 
     def vf(self, t, y, args):
         return self.factors(t, y, args)
@@ -262,19 +262,23 @@ def simulate_shaped_sde(
     bs = int(n_paths) if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"simulate_shaped_sde: `batch_size` must be >= 1; got {batch_size!r}.")
-    solve = functools.partial(
-        _solve_paths, T=float(T), n_steps=n_steps, save_idx=tuple(int(i) for i in save_idx),
-        hyper=(float(gamma_attn2), float(gamma_mlp2), float(tau0), float(c_plus), float(c_minus)),
-        a_lin=a_lin, a_G=a_G, threshold=float(explode_threshold), brownian=brownian,
-    )
-    outs = [solve(keys[i : i + bs], V0) for i in range(0, int(n_paths), bs)]
-    ts, Vs, exploded, min_eig = (outs[0][0], *(jnp.concatenate([o[k] for o in outs]) for k in (1, 2, 3)))
+    dtype = V0.dtype
+    params = tuple(jnp.asarray(v, dtype) for v in (gamma_attn2, gamma_mlp2, tau0, c_plus, c_minus, a_lin, a_G,
+                                                    explode_threshold))
+    solve = functools.partial(_solve_paths, T=float(T), n_steps=n_steps, save_idx=tuple(int(i) for i in save_idx),
+                              brownian=brownian)
+    n_chunks = -(-int(n_paths) // bs)
+    padded = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n_chunks * bs - int(n_paths),))])
+    outs = [solve(padded[i * bs : (i + 1) * bs], V0, params) for i in range(n_chunks)]
+    ts = outs[0][0]
+    Vs, exploded, min_eig = (jnp.concatenate([o[k] for o in outs])[: int(n_paths)] for k in (1, 2, 3))
     return ShapedSDESolution(ts=ts, kernels=Vs, exploded=exploded, min_eig=min_eig)
 
 
-@functools.partial(jax.jit, static_argnames=("T", "n_steps", "save_idx", "hyper", "a_lin", "a_G", "threshold", "brownian"))
-def _solve_paths(keys, V0, *, T, n_steps, save_idx, hyper, a_lin, a_G, threshold, brownian):
-    gamma_attn2, gamma_mlp2, tau0, c_plus, c_minus = hyper
+@functools.partial(jax.jit, static_argnames=("T", "n_steps", "save_idx", "brownian"))
+def _solve_paths(keys, V0, params, *, T, n_steps, save_idx, brownian):
+    """One compiled solve per (shapes, T, grid, brownian); the hyperparameters in `params` are traced."""
+    gamma_attn2, gamma_mlp2, tau0, c_plus, c_minus, a_lin, a_G, threshold = params
     m, dtype = V0.shape[-1], V0.dtype
     grid = jnp.linspace(0.0, T, n_steps + 1, dtype=dtype)
     ts = grid[np.asarray(save_idx)]

@@ -122,7 +122,9 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
         over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
         first_over = jnp.where(jnp.any(over), sol.ts[jnp.argmax(over)], jnp.inf)
         blowup_time = jnp.where(sol.blown_up, jnp.minimum(first_over, sol.t_end), first_over)
-        regime = regime_code(o["rank_one_distance"][-1], growth[-1], ~sol.success | sol.blown_up,
+        # A failed solve (max_steps) is judged on its last reached save; `success` flags it.
+        last = jnp.max(jnp.where(jnp.isfinite(growth), jnp.arange(growth.shape[0]), 0))
+        regime = regime_code(o["rank_one_distance"][last], growth[last], sol.blown_up,
                              collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
         keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
         return dict(keep, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(sol.ts.dtype),
@@ -184,7 +186,8 @@ def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict
         elif name == "t":
             attrs = {"long_name": "depth", "units": "depth"}
         elif name == "success":
-            attrs = {"long_name": "solver reached t1 or a blow-up event", "units": "1"}
+            attrs = {"long_name": "solver reached t1 or a blow-up event (0: stopped early, e.g. max_steps; "
+                              "the regime is then judged on the last reached save)", "units": "1"}
         data[name] = (dims, arr, attrs)
     coords = {"point": idx, "depth": ("depth", depth, {"long_name": "depth t", "units": "depth"})}
     for axis in plan.axes:
