@@ -34,9 +34,10 @@ so we add no Stratonovich correction (SHAPED.md §4).
 Blow-up and PSD. The attention drift is cubic in V, so paths can explode in finite time.
 A path whose $\operatorname{tr}V$ (or, for an indefinite iterate, any $|V_{ab}|$) exceeds
 `explode_threshold`, or which becomes non-finite, is frozen: both vector fields return 0 from
-then on. It is flagged in `exploded` and never becomes NaN. Euler–Maruyama can leave the PSD cone near $\rho = \pm1$. The diffusion then uses
-`clipped_cholesky`, which equals the Cholesky factor for PD V and never gives NaN; $\nu$ clips
-$\rho$ to [-1, 1]. Such saves are not projected; they are reported in `min_eig` so you can count them.
+then on. It is flagged in `exploded` and never becomes NaN. Euler–Maruyama can leave the PSD cone
+near $\rho = \pm1$. The diffusion then uses `clipped_cholesky`, which equals the Cholesky factor for
+PD V and never gives NaN; $\nu$ clips $\rho$ to [-1, 1]. Such iterates are not projected back; the
+smallest eigenvalue of every save is reported in `min_eig`, so they can be counted.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ def simulate_shaped_sde(
     bs = int(n_paths) if batch_size is None else int(batch_size)
     if bs < 1:
         raise ValueError(f"simulate_shaped_sde: `batch_size` must be >= 1; got {batch_size!r}.")
+    bs = min(bs, int(n_paths))
     dtype = V0.dtype
     params = tuple(jnp.asarray(v, dtype) for v in (gamma_attn2, gamma_mlp2, tau0, c_plus, c_minus, a_lin, a_G,
                                                     explode_threshold))

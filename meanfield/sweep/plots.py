@@ -115,7 +115,8 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
                 set_labels([_label(v) for v in axis_vals])
         cx = px if px is not None else xs
         cy = py if py is not None else ys
-        if fin is not None and xs.size * ys.size <= 400:
+        annotate = fin is not None and xs.size <= 16 and ys.size <= 16  # beyond that the numbers overlap
+        if annotate:
             for i in range(ys.size):
                 for j in range(xs.size):
                     if np.isfinite(obs[i, j]):
@@ -126,7 +127,7 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         title = f"regimes of {ds.attrs.get('name', 'run')}"
-        if fin is not None:
+        if annotate:
             title += f" (numbers: final {observable})"
         ax.set_title(title)
         handles = [Patch(color=c, label=r) for c, r in zip(REGIME_COLORS, REGIMES)]
@@ -153,7 +154,7 @@ def regime_map_panels(ds: xr.Dataset, x: str, y: str, observable: str = "effecti
                 ax.get_legend().remove()
             if k > 0:
                 ax.set_ylabel("")
-        fig.suptitle(f"regimes of {ds.attrs.get('name', 'run')}" + (f" (numbers: final {observable})" if observable in ds else ""))
+        fig.suptitle(f"regimes of {ds.attrs.get('name', 'run')} (most frequent over the other axes)")
     return fig
 
 
