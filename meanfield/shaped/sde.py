@@ -64,12 +64,22 @@ def diffusion_coefficients(*, gamma_attn2: float, gamma_mlp2: float, tau0: float
     In the general form $a_\text{lin} = \gamma_a^2(2\lambda_a^2+\gamma_a^2) + 2\gamma_f^2(\lambda_f^2+\gamma_f^2)$,
     with $\lambda^2 + \gamma^2 = 1$.
     """
-    residual_weights(gamma_attn2, name="gamma_attn2")
-    residual_weights(gamma_mlp2, name="gamma_mlp2")
-    if not float(tau0) > 0.0:
-        raise ValueError(f"`tau0` must be > 0 (inf removes the logit terms); got {tau0!r}.")
-    ga2, gf2 = float(gamma_attn2), float(gamma_mlp2)
-    return ga2 * (2.0 - ga2) + 2.0 * gf2, ga2**2 / (float(tau0) ** 2 * m**2)
+    ga2, gf2 = gamma_attn2, gamma_mlp2
+    if all(_is_concrete(v) for v in (gamma_attn2, gamma_mlp2, tau0)):  # traced values (sweeps) are checked upstream
+        residual_weights(gamma_attn2, name="gamma_attn2")
+        residual_weights(gamma_mlp2, name="gamma_mlp2")
+        if not float(tau0) > 0.0:
+            raise ValueError(f"`tau0` must be > 0 (inf removes the logit terms); got {tau0!r}.")
+        ga2, gf2, tau0 = float(ga2), float(gf2), float(tau0)
+    return ga2 * (2.0 - ga2) + 2.0 * gf2, ga2**2 / (tau0**2 * m**2)
+
+
+def _is_concrete(x) -> bool:
+    try:
+        float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return False
+    return True
 
 
 def _centring(m: int, dtype) -> Kernel:

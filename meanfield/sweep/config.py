@@ -33,6 +33,8 @@ from ..metrics import PARTICLE_OBSERVABLES
 from ..model.params import ACTIVATIONS, ATTENTIONS, _ALIASES
 from ..simulate.solvers import SOLVERS
 
+SHAPED_OBSERVABLES = ("corr_mean", "corr_q10", "corr_q90", "exploded_fraction", "min_eig")
+
 GAUSSIAN_OBSERVABLES = (
     "cov_trace", "cov_logdet", "cov_condition", "numerical_rank", "effective_rank",
     "rank_one_distance", "mean_norm",
@@ -128,8 +130,22 @@ class InitialConfig(_Strict):
         return self
 
 
+class ShapedConfig(_Strict):
+    """The shaped transformer's kernel SDE (Noci et al. 2023; meanfield.shaped, SHAPED.md)."""
+
+    m: int = Field(2, ge=2, le=64, description="number of tokens (kernel size)")
+    rho0: float = Field(0.3, gt=-1, lt=1, description="initial correlation: V0 = (1 - rho0) I + rho0 11^T")
+    gamma_attn2: float = Field(0.3, ge=0, le=1, description="attention branch weight gamma_a^2")
+    gamma_mlp2: float = Field(0.2, ge=0, le=1, description="MLP branch weight gamma_f^2")
+    tau0: float = Field(0.5, gt=0, description="logit temperature scale (tau = tau0 sqrt(n n_k))")
+    c_plus: float = 1.0
+    c_minus: float = -1.0
+    n_paths: int = Field(1000, ge=1, le=1_000_000)
+    explode_threshold: float = Field(1e4, gt=0)
+
+
 class SimulatorConfig(_Strict):
-    kind: Literal["particles", "gaussian"] = "particles"
+    kind: Literal["particles", "gaussian", "shaped_sde"] = "particles"
     t1: float = Field(10.0, gt=0, description="final depth")
     n_save: int = Field(51, ge=2, le=100_000)
     solver: str = "tsit5"
@@ -253,7 +269,8 @@ class ExperimentConfig(_Strict):
     description: str = ""
     seed: int = Field(0, ge=0, lt=2**31)
     dtype: Literal["float32", "float64"] = "float32"
-    model: ModelConfig
+    model: ModelConfig | None = None
+    shaped: ShapedConfig | None = None
     initial: InitialConfig = Field(default_factory=InitialConfig)
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     observables: list[str] | None = None
@@ -265,6 +282,20 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _consistency(self):
         sim, model, init = self.simulator, self.model, self.initial
+        if sim.kind == "shaped_sde":
+            if self.shaped is None:
+                raise ValueError("shaped: the shaped_sde simulator needs a `shaped:` section")
+            if sim.dt0 is None:
+                raise ValueError("simulator.dt0: the shaped_sde simulator needs the Euler-Maruyama step")
+            n_steps = round(sim.t1 / sim.dt0)
+            if abs(n_steps * sim.dt0 - sim.t1) > 1e-9 * max(1.0, sim.t1) or sim.n_save > n_steps + 1:
+                raise ValueError(f"simulator.dt0: t1 / dt0 must be an integer >= n_save - 1; got t1 = {sim.t1}, dt0 = {sim.dt0}")
+            for name in self.observables or ():
+                if name not in SHAPED_OBSERVABLES:
+                    raise ValueError(f"observables: {name!r} is not available for shaped_sde; allowed: {list(SHAPED_OBSERVABLES)}")
+            return self
+        if model is None:
+            raise ValueError(f"model: required for the {sim.kind} simulator")
         allowed = GAUSSIAN_OBSERVABLES if sim.kind == "gaussian" else tuple(PARTICLE_OBSERVABLES) + ("cluster_count",)
         for name in self.observables or ():
             if name not in allowed:
@@ -297,6 +328,8 @@ class ExperimentConfig(_Strict):
         """The observables recorded over depth (defaults per simulator)."""
         if self.observables:
             return list(self.observables)
+        if self.simulator.kind == "shaped_sde":
+            return list(SHAPED_OBSERVABLES)
         if self.simulator.kind == "gaussian":
             return list(GAUSSIAN_OBSERVABLES)
         return ["effective_rank", "stable_rank", "rank_one_distance", "consensus_distance", "mean_cosine", "rms_norm"]

@@ -220,8 +220,13 @@ def expand_points(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[str
     return points, axes
 
 
-def _is_traced(path: str, value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and path not in STATIC_PATHS
+SHAPED_STATIC_PATHS = frozenset({"simulator.t1", "simulator.dt0", "shaped.m", "shaped.n_paths", "shaped.explode_threshold"})
+"""For the shaped SDE the depth T and the step fix the number of Euler-Maruyama steps."""
+
+
+def _is_traced(path: str, value: Any, kind: str = "particles") -> bool:
+    static = STATIC_PATHS | (SHAPED_STATIC_PATHS if kind == "shaped_sde" else frozenset())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and path not in static
 
 
 def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
@@ -249,7 +254,7 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
             desc = ", ".join(f"{k}={v!r}" for k, v in pt.items())
             raise ConfigError(_format_validation(err, f"{source}: sweep point {i} ({desc})")) from None
         dumped = point_cfg.model_dump(mode="python")
-        traced = tuple(p for p in pt if _is_traced(p, pt[p]))
+        traced = tuple(p for p in pt if _is_traced(p, pt[p], point_cfg.simulator.kind))
         sig_tree = copy.deepcopy(point_cfg.model_dump(mode="json"))
         for p in traced:
             set_path(sig_tree, p, None)

@@ -165,12 +165,14 @@ def depth_curves(ds: xr.Dataset, observable: str = "effective_rank", hue: str | 
         raise ValueError(f"depth_curves: `{observable}` was not recorded; recorded: {[v for v in ds.data_vars if 'depth' in ds[v].dims]}")
     da = ds[observable]
     depth = ds["depth"].values
+    t_all = ds["t"].values if "t" in ds else np.broadcast_to(depth, da.shape)
+    same_grid = bool(np.allclose(t_all, t_all[:1], equal_nan=True))
     with plt.rc_context(STYLE):
         if ax is None:
             fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
         if hue is None and ds.sizes["point"] <= max_lines:
             for k in range(ds.sizes["point"]):
-                ax.plot(depth, da.values[k], color=LINE_COLORS[1], alpha=0.5, linewidth=1)
+                ax.plot(t_all[k], da.values[k], color=LINE_COLORS[1], alpha=0.5, linewidth=1)
         else:
             groups = [(None, np.ones(ds.sizes["point"], bool))] if hue is None else [
                 (u, ds[hue].values == u) for u in np.unique(ds[hue].values)]
@@ -183,17 +185,21 @@ def depth_curves(ds: xr.Dataset, observable: str = "effective_rank", hue: str | 
             for k, (u, sel) in enumerate(groups):
                 vals = da.values[sel]
                 color = cmap(norm(float(u))) if numeric else LINE_COLORS[k % len(LINE_COLORS)]
+                label = None if u is None else f"{hue}={_label(u)}"
+                if not same_grid:  # depth grids differ (t1 swept): one line per point on its own grid
+                    for j, row in enumerate(vals):
+                        ax.plot(t_all[sel][j], row, color=color, linewidth=1.2, label=None if (numeric or j) else label)
+                    continue
                 with np.errstate(all="ignore"):
                     mean, lo, hi = np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
-                label = None if u is None else f"{hue}={_label(u)}"
                 ax.plot(depth, mean, color=color, label=None if numeric else label, linewidth=1.6)
                 if len(groups) <= 5:
                     ax.fill_between(depth, lo, hi, color=color, alpha=0.15, linewidth=0)
             if numeric:
                 sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-                ax.figure.colorbar(sm, ax=ax, label=hue + " (line: mean over other axes)")
+                ax.figure.colorbar(sm, ax=ax, label=hue + (" (line: mean over other axes)" if same_grid else ""))
             elif hue is not None:
-                ax.legend(frameon=False, loc="best", title="mean, min-max band")
+                ax.legend(frameon=False, loc="best", title="mean, min-max band" if same_grid else None)
         vals = da.values[np.isfinite(da.values)]
         if vals.size and np.all(vals > 0) and vals.max() / max(vals.min(), 1e-300) > 1e3:
             ax.set_yscale("log")

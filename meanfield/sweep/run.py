@@ -54,6 +54,11 @@ OBSERVABLE_ATTRS = {
     "numerical_rank": ("numerical rank of S", "1"),
     "mean_norm": ("|m|", "token units"),
     "cluster_count": ("number of clusters", "1"),
+    "corr_mean": ("mean correlation rho_ab", "1"),
+    "corr_q10": ("10% quantile of rho_ab", "1"),
+    "corr_q90": ("90% quantile of rho_ab", "1"),
+    "min_eig": ("smallest kernel eigenvalue over paths (< 0: Euler-Maruyama left the PSD cone)", "1"),
+    "exploded_fraction": ("fraction of SDE paths exploded (tr V > threshold) by t1", "1"),
 }
 
 
@@ -76,8 +81,51 @@ def _gaussian_observables(names, means, covs):
     return out
 
 
+def _shaped_point_function(cfg: ExperimentConfig, traced_paths):
+    """Kernel SDE of the shaped transformer: correlation statistics over depth for one point."""
+    from ..shaped.sde import simulate_shaped_sde
+
+    base = cfg.model_dump(mode="python", exclude={"sweep"})
+    dtype = _dtype(cfg)
+    sim, sh, reg = cfg.simulator, cfg.shaped, cfg.regimes
+    names = cfg.observable_names()
+
+    def point(values):
+        tree = copy.deepcopy(base)
+        for p in traced_paths:
+            set_path(tree, p, values[p])
+        t = tree["shaped"]
+        m = sh.m
+        V0 = (1.0 - t["rho0"]) * jnp.eye(m, dtype=dtype) + t["rho0"] * jnp.ones((m, m), dtype)
+        _, key = point_keys(tree["seed"])
+        sol = simulate_shaped_sde(
+            key, V0, sim.t1, dt=sim.dt0, gamma_attn2=t["gamma_attn2"], gamma_mlp2=t["gamma_mlp2"],
+            tau0=t["tau0"], c_plus=t["c_plus"], c_minus=t["c_minus"], n_paths=sh.n_paths, n_save=sim.n_save,
+            explode_threshold=sh.explode_threshold,
+        )
+        corr = jnp.where(sol.exploded[:, None, None], jnp.nan, sol.correlations)  # (paths, T, pairs)
+        flat = jnp.moveaxis(corr, 1, 0).reshape(corr.shape[1], -1)
+        stats = {
+            "corr_mean": jnp.nanmean(flat, axis=1),
+            "corr_q10": jnp.nanquantile(flat, 0.1, axis=1),
+            "corr_q90": jnp.nanquantile(flat, 0.9, axis=1),
+            "min_eig": jnp.min(sol.min_eig, axis=0),
+            "exploded_fraction": jnp.mean(sol.exploded.astype(dtype)),
+        }
+        # Rank collapse of the kernel = correlations -> 1; a majority of exploded paths = blow-up.
+        regime = regime_code(1.0 - stats["corr_mean"][-1], jnp.ones((), dtype), stats["exploded_fraction"] > 0.5,
+                             collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+        out = {k: v for k, v in stats.items() if k in names}
+        return dict(out, t=sol.ts.astype(dtype), regime=regime.astype(jnp.int8),
+                    blowup_time=jnp.asarray(jnp.inf, dtype), success=jnp.ones((), jnp.int8))
+
+    return point
+
+
 def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
     """The per-point function `numbers -> outputs` for one group (unbatched; vmap it)."""
+    if cfg.simulator.kind == "shaped_sde":
+        return _shaped_point_function(cfg, traced_paths)
     base = cfg.model_dump(mode="python", exclude={"sweep"})
     dtype = _dtype(cfg)
     names = cfg.observable_names()
@@ -139,9 +187,13 @@ def auto_chunk_size(cfg: ExperimentConfig, n_devices: int) -> int:
         size = cfg.output.chunk_size
     else:
         item = 8 if cfg.dtype == "float64" else 4
-        d, sim = cfg.model.d, cfg.simulator
+        sim = cfg.simulator
         n_obs = len(cfg.observable_names()) + 4
-        if sim.kind == "gaussian":
+        d = cfg.model.d if cfg.model is not None else 1
+        if sim.kind == "shaped_sde":
+            m = cfg.shaped.m
+            per_point = item * cfg.shaped.n_paths * (sim.n_save * (m * m + 2) + 8 * m * m)
+        elif sim.kind == "gaussian":
             per_point = item * (sim.n_save * (2 * d * d + n_obs) + 64 * d * d + 256)
         else:
             n = cfg.initial.n
@@ -242,6 +294,8 @@ def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc,
     """Run the missing points of one group in chunks of `size`; returns the number computed."""
     fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
     todo = np.flatnonzero(~np.isin(group.indices, list(done)))
+    n_dev = 1 if mesh is None else mesh.devices.size
+    size = min(size, -(-len(todo) // n_dev) * n_dev)  # never pad a small group up to a big chunk
     computed = 0
     for k, start in enumerate(range(0, len(todo), size)):
         if (chunk_counter + k) % n_proc != proc:
@@ -376,7 +430,7 @@ def summary_table(ds: xr.Dataset) -> str:
 
 
 def _final_name(ds) -> str:
-    for name in ("effective_rank", "cov_trace"):
+    for name in ("effective_rank", "cov_trace", "corr_mean"):
         if name in ds:
             return name
     return "t"
