@@ -13,7 +13,6 @@ from typing import ClassVar
 import diffrax
 import jax.numpy as jnp
 import numpy as np
-from diffrax._local_interpolation import ThirdOrderHermitePolynomialInterpolation
 
 _rk4_tableau = diffrax.ButcherTableau(
     a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
@@ -31,7 +30,7 @@ class RK4(diffrax.AbstractERK):
     """
 
     tableau: ClassVar[diffrax.ButcherTableau] = _rk4_tableau
-    interpolation_cls: ClassVar = ThirdOrderHermitePolynomialInterpolation.from_k
+    interpolation_cls: ClassVar = diffrax.ThirdOrderHermitePolynomialInterpolation.from_k
 
     def order(self, terms):
         del terms

@@ -14,6 +14,7 @@ chunks p, p + P, p + 2P, ... and process 0 merges.
 from __future__ import annotations
 
 import copy
+import json
 import datetime as _dt
 import os
 import sys
@@ -374,7 +375,7 @@ def run_experiment(
     if jax.process_index() == 0:
         atomic_write_text(config_yaml, run_dir / "config.yaml")
         prev = read_run_info(run_dir) or {}
-        atomic_write_text(__import__("json").dumps({**prev, **info, "status": "running"}, indent=1), run_dir / "run.json")
+        atomic_write_text(json.dumps({**prev, **info, "status": "running"}, indent=1), run_dir / "run.json")
     n_done_before = len(done_points(run_dir))
     if n_done_before and not quiet:
         _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
@@ -395,7 +396,7 @@ def run_experiment(
     figures: list[Path] = []
     if jax.process_index() == 0:
         atomic_write_dataset(ds, run_dir / "results.nc")
-        atomic_write_text(__import__("json").dumps({**info, "status": "complete"}, indent=1), run_dir / "run.json")
+        atomic_write_text(json.dumps({**info, "status": "complete"}, indent=1), run_dir / "run.json")
         if plots:
             from .plots import plot_run
 
