@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._linalg import matmul
 from .._types import Tokens
 
 DENSE_MAX_TOKENS = 4096
@@ -28,9 +29,9 @@ DENSE_MAX_TOKENS = 4096
 
 
 def _project(model, X):
-    q = (X @ model.Q.T) * model.beta
-    k = X @ model.K.T
-    v = X @ model.V.T
+    q = matmul(X, model.Q.T) * model.beta
+    k = matmul(X, model.K.T)
+    v = matmul(X, model.V.T)
     return q, k, v
 
 
@@ -38,16 +39,16 @@ def dense_attention(model, X: Tokens) -> Tokens:
     """Attention output for all tokens by materialising the (n, n) logit matrix."""
     n = X.shape[0]
     q, k, v = _project(model, X)
-    logits = q @ k.T
+    logits = matmul(q, k.T)
     if model.causal:
         mask = jnp.tril(jnp.ones((n, n), dtype=bool))
         logits = jnp.where(mask, logits, -jnp.inf)
     if model.attention == "unnormalised":
         # (1/n) sum_j e^{l_ij} v_j, computed as e^{m_i} sum_j e^{l_ij - m_i} v_j / n for range.
         row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        return jnp.exp(row_max) * (jnp.exp(logits - row_max) @ v) / n
+        return jnp.exp(row_max) * matmul(jnp.exp(logits - row_max), v) / n
     weights = jax.nn.softmax(logits, axis=-1)
-    out = weights @ v
+    out = matmul(weights, v)
     if model.attention == "shaped":
         out = out + v - _centring(v, model.causal)
     return out

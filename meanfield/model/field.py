@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .._linalg import matmul
 from .._types import Mean, Cov, Tokens
 from .attention import attention
 from .mlp import mlp
@@ -76,7 +77,7 @@ def moment_matrices(model, m: Mean, S: Cov) -> tuple[Cov, Mean]:
     M = jnp.zeros((d, d), m.dtype)
     c = jnp.zeros((d,), m.dtype)
     if model.attention != "none":
-        M = M + model.a_attn * model.beta * (model.V @ S @ model.K.T @ model.Q)
+        M = M + model.a_attn * model.beta * matmul(matmul(matmul(model.V, S), model.K.T), model.Q)
         c = c + model.a_attn * (model.V @ m)
     if model.mlp == "affine":
         M = M + model.a_mlp * model.W
@@ -87,5 +88,5 @@ def moment_matrices(model, m: Mean, S: Cov) -> tuple[Cov, Mean]:
 def moment_field(model, m: Mean, S: Cov) -> tuple[Mean, Cov]:
     r"""$(\dot m, \dot S) = (c + M m,\ M S + S M^\top)$."""
     M, c = moment_matrices(model, m, S)
-    MS = M @ S
+    MS = matmul(M, S)
     return c + M @ m, MS + MS.T

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._linalg import matmul
 from .._types import Tokens
 
 ACTIVATION_FNS = {
@@ -25,6 +26,6 @@ def mlp(model, X: Tokens) -> Tokens:
     if model.mlp == "none":
         return jnp.zeros_like(X)
     if model.mlp == "affine":
-        return X @ model.W.T + model.b
+        return matmul(X, model.W.T) + model.b
     act = ACTIVATION_FNS[model.activation]
-    return act(X @ model.W1.T + model.b1) @ model.W2.T + model.b2
+    return matmul(act(matmul(X, model.W1.T) + model.b1), model.W2.T) + model.b2
