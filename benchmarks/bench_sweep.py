@@ -106,15 +106,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     g_pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, g_loop), rng.integers(0, g_seed, g_loop))]
     p_pts = [(float(r), int(s)) for r, s in zip(np.exp(rng.uniform(np.log(0.05), np.log(20), p_loop)), rng.integers(0, p_seed, p_loop))]
-    rows = [
-        measure("gaussian d=4", gaussian_config(g_beta, g_seed), loop_gaussian, g_pts, g_beta * g_seed),
-        measure("particles n=64 d=8", particle_config(p_rho, p_seed), loop_particles, p_pts, p_rho * p_seed),
-    ]
     print(f"jax {jax.__version__} on {jax.devices()}")
-    print(f"{'workload':22} {'points':>7} {'engine s':>9} {'engine pt/s':>12} {'loop pt/s':>10} {'ratio':>7} {'target':>7}  met")
-    for r in rows:
+    print(f"{'workload':22} {'points':>7} {'engine s':>9} {'engine pt/s':>12} {'loop pt/s':>10} {'ratio':>7} {'target':>7}  met",
+          flush=True)
+    rows = []
+    for args_ in (("gaussian d=4", gaussian_config(g_beta, g_seed), loop_gaussian, g_pts, g_beta * g_seed),
+                  ("particles n=64 d=8", particle_config(p_rho, p_seed), loop_particles, p_pts, p_rho * p_seed)):
+        r = measure(*args_)
+        rows.append(r)
         print(f"{r['workload']:22} {r['points']:>7} {r['engine_s']:>9.2f} {r['engine_points_per_s']:>12.1f} "
-              f"{r['loop_points_per_s']:>10.1f} {r['ratio']:>7.1f} {r['target']:>7.0f}  {'yes' if r['ratio'] >= r['target'] else 'NO'}")
+              f"{r['loop_points_per_s']:>10.1f} {r['ratio']:>7.1f} {r['target']:>7.0f}  {'yes' if r['ratio'] >= r['target'] else 'NO'}",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
