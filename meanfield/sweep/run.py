@@ -30,7 +30,7 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import metrics
-from ..regimes import REGIMES, regime_code
+from ..regimes import REGIMES, classify, regime_code
 from ..simulate.gaussian import simulate_gaussian
 from ..simulate.particles import simulate_particles
 from .build import build_model, initial_moments, initial_tokens, point_keys
@@ -150,9 +150,7 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
             sol = simulate_gaussian(model, m0, S0, s["t1"], blowup_threshold=s["blowup_threshold"], **common)
             obs = _gaussian_observables(names, sol.means, sol.covs)
             obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
-            r1 = metrics.gaussian_rank_one_distance(sol.means[-1], sol.covs[-1])
-            blown = jnp.isfinite(sol.blowup_time) | ~sol.success
-            regime = regime_code(r1, jnp.ones_like(r1), blown, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+            regime = classify(sol, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
             return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
                         success=sol.success.astype(jnp.int8))
         X0 = initial_tokens(tree["initial"], d, ikey, dtype, file_tokens)
@@ -444,13 +442,6 @@ def _final_name(ds) -> str:
 
 
 def _final_values(ds) -> np.ndarray:
-    arr = ds[_final_name(ds)].values
-    if arr.ndim == 1:
-        return arr
-    # last finite value along depth
-    out = np.full(arr.shape[0], np.nan)
-    for i, row in enumerate(arr):
-        fin = row[np.isfinite(row)]
-        if fin.size:
-            out[i] = fin[-1]
-    return out
+    from .plots import final_values
+
+    return final_values(ds[_final_name(ds)]).values
