@@ -1,0 +1,29 @@
+"""Name -> figure module. Each module defines ``render(out_dir, quick=False) -> FigureResult``.
+
+Modules are imported lazily so ``meanfield figures --list`` is instant and one broken figure does not
+stop the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+from .style import FigureResult
+
+#: figure name -> (module under meanfield.figures, one-line description)
+FIGURES: dict[str, tuple[str, str]] = {}
+
+
+def register(name: str, module: str, description: str) -> None:
+    FIGURES[name] = (module, description)
+
+
+def render(name: str, out_dir=None, quick: bool = False) -> FigureResult:
+    """Render one catalogued figure into ``out_dir`` (default: ``figures/`` of the working directory)."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(sorted(FIGURES))}")
+    module, _ = FIGURES[name]
+    mod = importlib.import_module(f"meanfield.figures.{module}")
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("figures")
+    return mod.render(out, quick=quick)
