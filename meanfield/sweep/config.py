@@ -144,6 +144,23 @@ class ShapedConfig(_Strict):
     explode_threshold: float = Field(1e4, gt=0)
 
 
+class LyapunovConfig(_Strict):
+    """Leading Lyapunov exponents over [discard, t1] (QR method, `meanfield.lyapunov`), stored per point."""
+
+    k: int = Field(3, ge=1, le=64, description="number of exponents")
+    interval: float = Field(0.5, gt=0, description="re-orthonormalisation interval (depth)")
+    discard: float = Field(0.0, ge=0, description="initial depth left out of the average")
+    solver: str = Field("rk4", description="solver of the tangent system (fixed-step rk4 is lockstep-friendly)")
+    dt0: float = Field(0.05, gt=0, description="step of a fixed-step tangent solver")
+
+    @field_validator("solver")
+    @classmethod
+    def _solver(cls, v: str) -> str:
+        if v.lower() not in SOLVERS:
+            raise ValueError(f"must be one of {list(SOLVERS)}; got {v!r}")
+        return v.lower()
+
+
 class SimulatorConfig(_Strict):
     kind: Literal["particles", "gaussian", "shaped_sde"] = "particles"
     t1: float = Field(10.0, gt=0, description="final depth")
@@ -155,6 +172,7 @@ class SimulatorConfig(_Strict):
     max_steps: int = Field(16_384, ge=1)
     attention_impl: Literal["auto", "dense", "blocked"] = "auto"
     blowup_threshold: float | None = Field(None, gt=1)
+    lyapunov: LyapunovConfig | None = Field(None, description="also compute Lyapunov exponents (particles, gaussian)")
 
     @field_validator("solver")
     @classmethod
@@ -290,12 +308,23 @@ class ExperimentConfig(_Strict):
             n_steps = round(sim.t1 / sim.dt0)
             if abs(n_steps * sim.dt0 - sim.t1) > 1e-9 * max(1.0, sim.t1) or sim.n_save > n_steps + 1:
                 raise ValueError(f"simulator.dt0: t1 / dt0 must be an integer >= n_save - 1; got t1 = {sim.t1}, dt0 = {sim.dt0}")
+            if sim.lyapunov is not None:
+                raise ValueError("simulator.lyapunov: not available for shaped_sde (a stochastic kernel flow)")
             for name in self.observables or ():
                 if name not in SHAPED_OBSERVABLES:
                     raise ValueError(f"observables: {name!r} is not available for shaped_sde; allowed: {list(SHAPED_OBSERVABLES)}")
             return self
         if model is None:
             raise ValueError(f"model: required for the {sim.kind} simulator")
+        if sim.lyapunov is not None:
+            if sim.kind == "particles":  # on the sphere: the product of spheres' dimension
+                dim = init.n * (model.d - 1 if model.norm == "sphere" else model.d)
+            else:
+                dim = model.d + model.d * (model.d + 1) // 2
+            if sim.lyapunov.k > dim:
+                raise ValueError(f"simulator.lyapunov.k: at most the state dimension {dim}; got {sim.lyapunov.k}")
+            if sim.lyapunov.discard >= sim.t1:
+                raise ValueError(f"simulator.lyapunov.discard: must be < t1 = {sim.t1}; got {sim.lyapunov.discard}")
         allowed = GAUSSIAN_OBSERVABLES if sim.kind == "gaussian" else tuple(PARTICLE_OBSERVABLES) + ("cluster_count",)
         for name in self.observables or ():
             if name not in allowed:

@@ -224,8 +224,16 @@ SHAPED_STATIC_PATHS = frozenset({"simulator.t1", "simulator.dt0", "shaped.m", "s
 """For the shaped SDE the depth T and the step fix the number of Euler-Maruyama steps."""
 
 
-def _is_traced(path: str, value: Any, kind: str = "particles") -> bool:
+LYAPUNOV_STATIC_PATHS = frozenset({"simulator.t1"})
+"""With `simulator.lyapunov` the depth fixes the number of re-orthonormalisation intervals."""
+
+
+def _is_traced(path: str, value: Any, kind: str = "particles", lyapunov: bool = False) -> bool:
     static = STATIC_PATHS | (SHAPED_STATIC_PATHS if kind == "shaped_sde" else frozenset())
+    if lyapunov:
+        static = static | LYAPUNOV_STATIC_PATHS
+    if path.startswith("simulator.lyapunov."):
+        return False
     return isinstance(value, (int, float)) and not isinstance(value, bool) and path not in static
 
 
@@ -254,7 +262,8 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
             desc = ", ".join(f"{k}={v!r}" for k, v in pt.items())
             raise ConfigError(_format_validation(err, f"{source}: sweep point {i} ({desc})")) from None
         dumped = point_cfg.model_dump(mode="python")
-        traced = tuple(p for p in pt if _is_traced(p, pt[p], point_cfg.simulator.kind))
+        traced = tuple(p for p in pt if _is_traced(p, pt[p], point_cfg.simulator.kind,
+                                                      point_cfg.simulator.lyapunov is not None))
         sig_tree = copy.deepcopy(point_cfg.model_dump(mode="json"))
         for p in traced:
             set_path(sig_tree, p, None)

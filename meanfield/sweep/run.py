@@ -55,6 +55,7 @@ OBSERVABLE_ATTRS = {
     "numerical_rank": ("numerical rank of S", "1"),
     "mean_norm": ("|m|", "token units"),
     "cluster_count": ("number of clusters", "1"),
+    "lyapunov": ("leading Lyapunov exponents over [discard, t1] (QR method; nan: the state left float range)", "1/depth"),
     "corr_mean": ("mean correlation rho_ab", "1"),
     "corr_q10": ("10% quantile of rho_ab", "1"),
     "corr_q90": ("90% quantile of rho_ab", "1"),
@@ -123,6 +124,17 @@ def _shaped_point_function(cfg: ExperimentConfig, traced_paths):
     return point
 
 
+def _lyapunov_kwargs(sim, ikey) -> dict:
+    ly = sim.lyapunov
+    return dict(k=ly.k, interval=ly.interval, discard=ly.discard, solver=ly.solver, dt0=ly.dt0,
+                key=jax.random.fold_in(ikey, 2), max_steps=sim.max_steps)
+
+
+def _lyapunov_values(res):
+    """Exponents, nan where the tangent solve left float range (e.g. a blowing-up run)."""
+    return jnp.where(res.finite & jnp.all(jnp.isfinite(res.exponents)), res.exponents, jnp.nan)
+
+
 def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
     """The per-point function `numbers -> outputs` for one group (unbatched; vmap it)."""
     if cfg.simulator.kind == "shaped_sde":
@@ -151,6 +163,10 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
             obs = _gaussian_observables(names, sol.means, sol.covs)
             obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
             regime = classify(sol, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+            if sim.lyapunov is not None:
+                from ..lyapunov import gaussian_lyapunov
+
+                obs["lyapunov"] = _lyapunov_values(gaussian_lyapunov(model, m0, S0, sim.t1, **_lyapunov_kwargs(sim, ikey)))
             return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
                         success=sol.success.astype(jnp.int8))
         X0 = initial_tokens(tree["initial"], d, ikey, dtype, file_tokens)
@@ -174,6 +190,11 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
         regime = regime_code(o["rank_one_distance"][last], growth[last], sol.blown_up,
                              collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
         keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
+        if sim.lyapunov is not None:
+            from ..lyapunov import particle_lyapunov
+
+            keep["lyapunov"] = _lyapunov_values(particle_lyapunov(
+                model, X0, sim.t1, attention_impl=s["attention_impl"], **_lyapunov_kwargs(sim, ikey)))
         return dict(keep, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(sol.ts.dtype),
                     success=sol.success.astype(jnp.int8))
 
@@ -231,7 +252,7 @@ def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict
     data = {}
     for name, arr in out.items():
         arr = np.asarray(arr)
-        dims = ("point", "depth") if arr.ndim == 2 else ("point",)
+        dims = ("point", "exponent") if name == "lyapunov" else ("point", "depth") if arr.ndim == 2 else ("point",)
         attrs = {}
         if name in OBSERVABLE_ATTRS:
             attrs = {"long_name": OBSERVABLE_ATTRS[name][0], "units": OBSERVABLE_ATTRS[name][1]}

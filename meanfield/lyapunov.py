@@ -1,0 +1,192 @@
+r"""Lyapunov exponents of the continuous-depth flow by the QR (Benettin) method.
+
+For an ODE $\dot y = f(t, y)$ the tangent vectors obey the variational equation
+$\dot V = \partial_y f(t, y)\, V$. Starting from $k$ orthonormal columns $V_0$, integrate $(y, V)$
+over intervals of length $\Delta$, re-orthonormalise $V = Q R$ after each, and accumulate
+$\log |R_{jj}|$:
+
+$$\lambda_j \approx \frac{1}{T} \sum_{\text{intervals}} \log |R_{jj}|, \qquad j = 1..k,$$
+
+the $k$ leading Lyapunov exponents (ordered, for a generic $V_0$). The tangent field $\partial_y f\,V$
+is a `jax.jvp` of the very field the simulators integrate, vmapped over the $k$ columns, and the
+augmented system is solved with diffrax (any solver of `meanfield.simulate.solvers`), so the
+exponents belong to the same dynamics as `simulate_particles` / `simulate_gaussian`.
+
+A transformer has finite depth, so for depth $T$ these are the *finite-time* exponents over $[0, T]$
+(how fast nearby token configurations separate or merge through the network); `discard` drops an
+initial transient from the average when the asymptotic exponents are wanted. `running` holds the
+estimate after every interval; `drift` = $\max_j |\lambda_j(T) - \lambda_j(3T/4)|$ is the convergence
+diagnostic (small when the running estimate has settled).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from .model.field import moment_field, particle_field
+from .simulate.solvers import default_tolerances, make_controller, make_solver
+
+
+class LyapunovResult(NamedTuple):
+    """`exponents` (k,), `running` (n_intervals, k) estimates after each interval at times `ts`,
+    `drift` (k,) = |lambda(T) - lambda(3T/4)|, `finite` (whether every interval stayed finite),
+    `y1` the final state (same pytree as the initial state)."""
+
+    exponents: jax.Array
+    running: jax.Array
+    ts: jax.Array
+    drift: jax.Array
+    finite: jax.Array
+    y1: object
+
+
+def lyapunov_spectrum(
+    field: Callable,
+    y0,
+    t1: float,
+    k: int,
+    *,
+    t0: float = 0.0,
+    interval: float = 0.5,
+    discard: float = 0.0,
+    key: jax.Array | None = None,
+    solver="tsit5",
+    dt0: float | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_steps: int = 16_384,
+    jump_ts=None,
+    project: Callable | None = None,
+) -> LyapunovResult:
+    r"""The k leading Lyapunov exponents of $\dot y = f(t, y)$ on $[t_0 + \text{discard}, t_1]$.
+
+    Arguments:
+        field: `f(t, y)`; `y0` any pytree of arrays (flattened internally).
+        k: number of exponents (<= dimension of y).
+        interval: re-orthonormalisation interval $\Delta$; the number of intervals is
+            `round((t1 - t0) / interval)` (static), the last one ending exactly at t1.
+        discard: initial depth whose stretching is not averaged (tangents still evolve).
+        key: random orthonormal initial tangents (default: the first k coordinate directions).
+        solver, dt0, rtol, atol, max_steps: as in `simulate_particles` (per interval).
+        jump_ts: depths where the field jumps (a piecewise model's `layer_times`).
+        project: `project(y, v) -> v` onto the tangent space of an invariant manifold (flat vectors);
+            applied to the initial tangents and before every QR, so the exponents are those of the
+            flow restricted to the manifold (e.g. the product of spheres under layer norm).
+
+    Returns: `LyapunovResult`. Exponents are in units of 1/depth.
+    """
+    flat0, unravel = ravel_pytree(y0)
+    dim = flat0.shape[0]
+    if not 1 <= k <= dim:
+        raise ValueError(f"k: must be between 1 and the state dimension {dim}; got {k}")
+    dtype = flat0.dtype
+    n_int = max(1, int(round((t1 - t0) / interval)))
+    edges = jnp.linspace(t0, t1, n_int + 1, dtype=dtype)
+    if key is None:
+        V0 = jnp.eye(dim, k, dtype=dtype) + 0.0
+    else:
+        V0 = jax.random.normal(key, (dim, k), dtype)
+    if project is not None:
+        V0 = jax.vmap(lambda v: project(flat0, v), in_axes=1, out_axes=1)(V0)
+    V0, _ = jnp.linalg.qr(V0)
+
+    def f_flat(t, y):
+        return ravel_pytree(field(t, unravel(y)))[0]
+
+    def augmented(t, state, args):
+        y, V = state
+        dy, dV = jax.vmap(lambda v: jax.jvp(lambda z: f_flat(t, z), (y,), (v,)), in_axes=1, out_axes=(None, 1))(V)
+        return dy, dV
+
+    slv, adaptive = make_solver(solver)
+    if rtol is None or atol is None:
+        r0, a0 = default_tolerances(dtype)
+        rtol, atol = rtol or r0, atol or a0
+    h = (t1 - t0) / n_int
+    controller = make_controller(adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=dtype, jump_ts=jump_ts)
+    term = diffrax.ODETerm(augmented)
+
+    def step(carry, span):
+        y, V, total = carry
+        ta, tb = span
+        sol = diffrax.diffeqsolve(
+            term, slv, ta, tb, dt0 if dt0 is not None else h / 8, (y, V),
+            stepsize_controller=controller, max_steps=max_steps, throw=False,
+            saveat=diffrax.SaveAt(t1=True),
+        )
+        y1 = sol.ys[0][-1]
+        V1 = sol.ys[1][-1]
+        if project is not None:
+            V1 = jax.vmap(lambda v: project(y1, v), in_axes=1, out_axes=1)(V1)
+        Q, R = jnp.linalg.qr(V1)
+        # fix the signs so that diag(R) > 0 (QR is unique up to them)
+        s = jnp.where(jnp.diagonal(R) < 0, -1.0, 1.0).astype(dtype)
+        logs = jnp.log(jnp.abs(jnp.diagonal(R)))
+        counted = (ta >= t0 + discard - 1e-6 * h).astype(dtype)
+        total = total + counted * logs
+        ok = jnp.all(jnp.isfinite(logs)) & jnp.all(jnp.isfinite(y1)) & (sol.result == diffrax.RESULTS.successful)
+        return (y1, Q * s, total), (total, ok)
+
+    spans = (edges[:-1], edges[1:])
+    (y1, _, total), (totals, oks) = jax.lax.scan(step, (flat0, V0, jnp.zeros((k,), dtype)), spans)
+    start = jnp.asarray(t0 + discard, dtype)
+    elapsed = jnp.maximum(edges[1:] - start, h)
+    running = totals / elapsed[:, None]
+    exponents = running[-1]
+    q = min(n_int - 1, max(0, (3 * n_int) // 4 - 1))
+    drift = jnp.abs(running[-1] - running[q])
+    return LyapunovResult(exponents, running, edges[1:], drift, jnp.all(oks), unravel(y1))
+
+
+def particle_lyapunov(model, X0, t1: float, k: int, **kwargs) -> LyapunovResult:
+    r"""Leading exponents of the token flow $\dot X = F(t, X)$, `model` as in `simulate_particles`.
+
+    In $\mathbb{R}^d$ the state has n d dimensions. With `norm="sphere"` the exponents are those of the
+    flow on the product of spheres (n (d - 1) dimensions): tangents are projected row-wise with
+    $P_{\hat x_i}$. Without that, the n radial directions would enter the spectrum: $|x_i|$ is
+    conserved, so a tangent's radial part is too, and a random start pays $\log\sqrt d / T$ of bias
+    before it aligns with them."""
+    impl = kwargs.pop("attention_impl", "auto")
+    kwargs.setdefault("jump_ts", model.layer_times)
+    if model.norm == "sphere":
+        n, d = X0.shape
+
+        def project(y, v):
+            Y, W = y.reshape(n, d), v.reshape(n, d)
+            Yh = Y / jnp.linalg.norm(Y, axis=-1, keepdims=True)
+            return (W - jnp.sum(Yh * W, axis=-1, keepdims=True) * Yh).reshape(-1)
+
+        kwargs.setdefault("project", project)
+    return lyapunov_spectrum(lambda t, X: particle_field(t, X, model, impl=impl), X0, t1, k, **kwargs)
+
+
+def _vech_index(d):
+    return jnp.triu_indices(d)
+
+
+def gaussian_lyapunov(model, m0, S0, t1: float, k: int, **kwargs) -> LyapunovResult:
+    r"""Leading exponents of the moment flow $(\dot m, \dot S) = (c + M m, M S + S M^\top)$.
+
+    The state is $(m, \mathrm{vech}\,S)$ (d + d(d+1)/2 numbers), so tangents stay symmetric. Valid while
+    S stays finite (a blow-up makes `finite` False)."""
+    d = m0.shape[-1]
+    iu = _vech_index(d)
+
+    def to_S(v):
+        S = jnp.zeros((d, d), v.dtype).at[iu].set(v)
+        return S + jnp.triu(S, 1).T
+
+    def field(t, y):
+        m, v = y
+        dm, dS = moment_field(model.at(t), m, to_S(v))
+        return dm, dS[iu]
+
+    kwargs.setdefault("jump_ts", model.layer_times)
+    res = lyapunov_spectrum(field, (m0, S0[iu]), t1, k, **kwargs)
+    m1, v1 = res.y1
+    return res._replace(y1=(m1, to_S(v1)))
