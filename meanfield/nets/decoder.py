@@ -1,0 +1,202 @@
+r"""A discrete transformer decoder in Flax NNX, loadable from checkpoints, for layer-by-layer rank.
+
+One block (pre-LN, the default; `post_ln` for BERT-style encoders; `parallel_residual` for GPT-NeoX /
+Phi, where both branches read the same input):
+
+$$ h = x + \mathrm{MHA}(\mathrm{LN}_1(x)), \qquad x' = h + \mathrm{MLP}(\mathrm{LN}_2(h)) $$
+
+with causal multi-head attention ($\mathrm{softmax}(q_i^\top k_j / \sqrt{d_h})$ over $j \le i$, grouped
+query heads sharing key/value heads), and a GELU MLP $W_\text{down}\,\mathrm{gelu}(W_\text{up} x + b)$
+or a gated one (SwiGLU: $W_\text{down}(\mathrm{silu}(W_\text{gate} x) \odot W_\text{up} x)$; GeGLU with
+gelu). LayerNorm or RMSNorm (Gemma's stored weight w means a scale 1 + w).
+
+No positional encoding and no embedding: the decoder acts on given token vectors (random ones in the
+1:1-rule comparison), which is the residual-stream map whose rank the rule is about. RoPE and learned
+positions change which tokens attend to which, not the linear maps the rule reads.
+
+`residual_ranks(decoder, X)` returns the effective rank of the residual stream's second-moment
+matrix $C_l = X_l^\top X_l / n$ after every layer, the forward-pass counterpart of the rule's
+$C_{l+1} = A_l C_l A_l^\top$ (both start from $C_0 = I$ when $X_0 \sim N(0, I)$ and $n \gg d$).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Shapes and options of a `Decoder` (the same fields a loaded checkpoint provides)."""
+
+    d_model: int
+    n_layers: int
+    num_heads: int
+    head_dim: int
+    hidden: int
+    num_kv_heads: int | None = None
+    mlp: str = "gelu"  # "gelu" | "relu" | "swiglu" | "geglu"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" | "none"
+    norm_offset: bool = False  # Gemma: scale = 1 + weight
+    parallel_residual: bool = False
+    post_ln: bool = False
+    causal: bool = True
+    bias: bool = True
+    eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.mlp not in ("gelu", "relu", "swiglu", "geglu"):
+            raise ValueError(f"mlp: must be gelu, relu, swiglu or geglu; got {self.mlp!r}")
+        if self.norm not in ("layernorm", "rmsnorm", "none"):
+            raise ValueError(f"norm: must be layernorm, rmsnorm or none; got {self.norm!r}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_kv_heads: must divide num_heads = {self.num_heads}; got {kv}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp in ("swiglu", "geglu")
+
+
+class Norm(nnx.Module):
+    """LayerNorm $(x - \\bar x)/\\sqrt{\\mathrm{var} + \\epsilon}\\, g + b$ or RMSNorm $x/\\sqrt{\\overline{x^2} + \\epsilon}\\, g$."""
+
+    def __init__(self, d: int, kind: str, eps: float, offset: bool):
+        self.kind, self.eps, self.offset = kind, eps, offset
+        self.scale = nnx.Param(jnp.zeros((d,)) if offset else jnp.ones((d,)))
+        self.bias = nnx.Param(jnp.zeros((d,))) if kind == "layernorm" else None
+
+    def __call__(self, x):
+        if self.kind == "none":
+            return x
+        g = self.scale[...] + (1.0 if self.offset else 0.0)
+        if self.kind == "rmsnorm":
+            return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * g
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean((x - mu) ** 2, axis=-1, keepdims=True)
+        return (x - mu) * jax.lax.rsqrt(var + self.eps) * g + self.bias[...]
+
+
+def _linear(n_in, n_out, bias, rngs, std):
+    init = nnx.initializers.normal(std)
+    return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=init, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """One transformer block (attention + MLP with their norms and residual connections)."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02):
+        d, H, KV, hd, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden
+        self.cfg = cfg
+        self.ln1 = Norm(d, cfg.norm, cfg.eps, cfg.norm_offset)
+        self.ln2 = Norm(d, cfg.norm, cfg.eps, cfg.norm_offset)
+        self.q = _linear(d, H * hd, cfg.bias, rngs, std)
+        self.k = _linear(d, KV * hd, cfg.bias, rngs, std)
+        self.v = _linear(d, KV * hd, cfg.bias, rngs, std)
+        self.o = _linear(H * hd, d, cfg.bias, rngs, std)
+        self.up = _linear(d, h, cfg.bias, rngs, std)
+        self.gate = _linear(d, h, False, rngs, std) if cfg.gated else None
+        self.down = _linear(h, d, cfg.bias, rngs, std)
+
+    def attention(self, x):
+        cfg = self.cfg
+        n = x.shape[0]
+        H, KV, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        q = self.q(x).reshape(n, H, hd)
+        k = jnp.repeat(self.k(x).reshape(n, KV, hd), H // KV, axis=1)
+        v = jnp.repeat(self.v(x).reshape(n, KV, hd), H // KV, axis=1)
+        logits = jnp.einsum("ihd,jhd->hij", q, k) / jnp.sqrt(jnp.asarray(hd, x.dtype))
+        if cfg.causal:
+            mask = jnp.tril(jnp.ones((n, n), bool))
+            logits = jnp.where(mask, logits, -jnp.inf)
+        w = jax.nn.softmax(logits, axis=-1)
+        return self.o(jnp.einsum("hij,jhd->ihd", w, v).reshape(n, H * hd))
+
+    def mlp(self, x):
+        kind = self.cfg.mlp
+        if kind == "swiglu":
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        if kind == "geglu":
+            return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
+        act = jax.nn.relu if kind == "relu" else (lambda z: jax.nn.gelu(z, approximate=True))
+        return self.down(act(self.up(x)))
+
+    def __call__(self, x):
+        cfg = self.cfg
+        if cfg.post_ln:
+            h = self.ln1(x + self.attention(x))
+            return self.ln2(h + self.mlp(h))
+        if cfg.parallel_residual:
+            return x + self.attention(self.ln1(x)) + self.mlp(self.ln2(x))
+        h = x + self.attention(self.ln1(x))
+        return h + self.mlp(self.ln2(h))
+
+
+class Decoder(nnx.Module):
+    """A stack of `Block`s acting on token vectors X (n, d); `__call__` returns every residual state."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02):
+        self.cfg = cfg
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, std=std) for _ in range(cfg.n_layers)])
+
+    def __call__(self, X):
+        """(n_layers + 1, n, d): the input and the residual stream after each block."""
+        states = [X]
+        for block in self.blocks:
+            X = block(X)
+            states.append(X)
+        return jnp.stack(states)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt) -> "Decoder":
+        """A decoder holding the weights of a `meanfield.checkpoints.Checkpoint` (matrices (out, in))."""
+        L = len(ckpt.layers)
+        first = ckpt.layers[0]
+        mlp = ckpt.mlp_kind if ckpt.mlp_kind in ("gelu", "relu", "swiglu", "geglu") else "gelu"
+        cfg = DecoderConfig(
+            d_model=ckpt.d_model, n_layers=L, num_heads=ckpt.num_heads, num_kv_heads=ckpt.num_kv_heads,
+            head_dim=ckpt.head_dim, hidden=int(np.asarray(first.w_up).shape[0]), mlp=mlp, norm=ckpt.norm,
+            norm_offset=bool(getattr(ckpt, "norm_offset", False)), parallel_residual=bool(ckpt.parallel_residual),
+            post_ln=bool(getattr(first, "post_ln", False) or getattr(ckpt, "post_ln", False)),
+            causal=not bool(getattr(first, "post_ln", False) or getattr(ckpt, "post_ln", False)), bias=True,
+            eps=float(ckpt.config.get("layer_norm_eps", ckpt.config.get("rms_norm_eps", ckpt.config.get("layer_norm_epsilon", 1e-5)))),
+        )
+        dec = cls(cfg, rngs=nnx.Rngs(0))
+        for block, lw in zip(dec.blocks, ckpt.layers):
+            for name, w, b in (("q", lw.w_q, lw.b_q), ("k", lw.w_k, lw.b_k), ("v", lw.w_v, lw.b_v),
+                               ("o", lw.w_o, lw.b_o), ("up", lw.w_up, lw.b_up), ("down", lw.w_down, lw.b_down),
+                               ("gate", lw.w_gate, None)):
+                lin = getattr(block, name)
+                if lin is None:
+                    continue
+                lin.kernel[...] = jnp.asarray(np.asarray(w, np.float32).T)
+                if lin.bias is not None:
+                    lin.bias[...] = jnp.zeros_like(lin.bias[...]) if b is None else jnp.asarray(np.asarray(b, np.float32))
+            for ln, g, b in ((block.ln1, lw.ln1_weight, lw.ln1_bias), (block.ln2, lw.ln2_weight, lw.ln2_bias)):
+                if g is not None:
+                    ln.scale[...] = jnp.asarray(np.asarray(g, np.float32))
+                if ln.bias is not None:
+                    ln.bias[...] = jnp.zeros_like(ln.bias[...]) if b is None else jnp.asarray(np.asarray(b, np.float32))
+        return dec
+
+
+def second_moment_erank(X) -> jax.Array:
+    r"""$\exp(-\sum p_i \log p_i)$, $p = \lambda / \sum\lambda$, $\lambda$ = eigenvalues of $X^\top X / n$."""
+    C = X.T @ X / X.shape[0]
+    lam = jnp.clip(jnp.linalg.eigvalsh(C), 0.0, None)
+    p = lam / jnp.sum(lam)
+    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+
+
+@nnx.jit
+def residual_ranks(decoder: Decoder, X) -> jax.Array:
+    """Effective rank of the residual stream's second moment after each block, (n_layers + 1,)."""
+    return jax.vmap(second_moment_erank)(decoder(X))
