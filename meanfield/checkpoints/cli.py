@@ -72,6 +72,7 @@ def analyse(ckpt, attentions, *, fold_gains=False, float64=False):
     ds.attrs.update(source=ckpt.source, arch=ckpt.arch, d_model=ckpt.d_model, num_layers=ckpt.num_layers,
                     num_heads=ckpt.num_heads, num_kv_heads=ckpt.num_kv_heads, head_dim=ckpt.head_dim,
                     stored_dtype=ckpt.dtype, fold_gains=int(fold_gains),
+                    wo_squared=int(ckpt.layers[0].w_o.shape[1] != ckpt.d_model),
                     precision="float64 steps, C stored in float64" if float64 else
                     "float64 steps, C stored in float32 (the rule's per-model script)",
                     method="C_0 = I, A_l = I + W_mlp + W_attn, C_{l+1} = A C A^T / ||A C A^T||_2 (meanfield.rule.propagate)")
@@ -128,7 +129,8 @@ def plot(ds, path) -> None:
     ax.axhspan(*BAND, color="tab:green", alpha=0.15, lw=0, label="rule's band 0.5-2")
     for att in ds.attention.values:
         s = ds.sel(attention=att)
-        ax.plot(s.layer, s.rho, "o-", ms=3, label=f"{att}: " + ("W_o" if att == "wo" else r"$\sum_h W_o^h W_v^h$"))
+        ax.plot(s.layer, s.rho, "o-", ms=3, label=f"{att}: " + ((r"$W_o W_o^\top$" if ds.attrs["wo_squared"] else "$W_o$") if att == "wo"
+                                                  else r"$\sum_h W_o^h W_v^h$"))
         bx.plot(s.layer, s.erank, "o-", ms=3, label=att)
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.set_yscale("log")
@@ -171,6 +173,9 @@ def run(args) -> int:
           f"(kv {ckpt.num_kv_heads}, head_dim {ckpt.head_dim}), stored {ckpt.dtype}; {ds.attrs['precision']}")
     for a in attentions:
         print(f"  {a}: {ATTENTION_MATRICES[a]}")
+    if "wo" in attentions and ds.attrs["wo_squared"]:
+        print(f"  here W_o is {ckpt.d_model} x {ckpt.layers[0].w_o.shape[1]} (not square): wo uses W_o W_o^T; its rho "
+              "is not comparable with square-W_o models")
     if args.fold_gains:
         print("  norm gains folded into W_up / W_v (Gemma post-norms into W_down / W_o)")
     print_table(ds)
