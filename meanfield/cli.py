@@ -87,6 +87,45 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_figures(args) -> int:
+    import time
+
+    from .figures import FIGURES, render
+
+    if args.list or not args.names:
+        for name, (_, desc) in FIGURES.items():
+            print(f"{name:24} {desc}")
+        if not args.names:
+            print("\nmeanfield figures NAME [NAME ...] | all  [--quick] [--out DIR]")
+        return 0
+    names = list(FIGURES) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        print(f"error: unknown figure(s) {', '.join(unknown)}; known: {', '.join(FIGURES)}", file=sys.stderr)
+        return 2
+    failed = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== {name}{' (quick)' if args.quick else ''}", flush=True)
+        try:
+            res = render(name, args.out, quick=args.quick)
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not stop the others
+            print(f"error: {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            failed.append(name)
+            continue
+        ref = "" if res.expected is None else f" (expected {res.expected:g} +- {res.tolerance:g})"
+        print(f"{name}: {res.key} = {res.value:.6g}{ref} -> {'ok' if res.ok else 'CHECK FAILED'}; "
+              f"{time.perf_counter() - t0:.0f} s")
+        for f in res.files:
+            print(f"  {f}")
+        if not res.ok:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meanfield", description="Transformers as continuous-depth dynamical systems.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
     p = sub.add_parser("list", help="list the shipped experiments")
     p.set_defaults(func=_cmd_list)
+    p = sub.add_parser("figures", help="reproduce the papers' figures (PNG + PDF + plotted numbers as JSON)")
+    p.add_argument("names", nargs="*", help="figure names, or `all` (none: list them)")
+    p.add_argument("--quick", action="store_true", help="small sizes (each figure in well under a few minutes)")
+    p.add_argument("--out", default="figures", help="output directory (default: figures/)")
+    p.add_argument("--list", action="store_true", help="list the catalogued figures")
+    p.set_defaults(func=_cmd_figures)
     return parser
 
 

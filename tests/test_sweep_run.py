@@ -194,3 +194,19 @@ def test_shaped_sde_sweep_matches_direct_call(tmp_path):
     assert ds["exploded_fraction"].dims == ("point",)
     with pytest.raises(ConfigError, match="dt0"):
         config_from_dict({**raw, "simulator": {"kind": "shaped_sde", "t1": 0.2, "dt0": 0.03}})
+
+
+def test_stall_watch_warns_when_no_cpu_is_used(monkeypatch, capsys):
+    """A chunk that sits at 0% CPU (XLA's wedged thread pool) gets a warning naming the remedy."""
+    import meanfield.sweep.run as run_mod
+
+    monkeypatch.setattr(run_mod, "STALL_SECONDS", 0.4)
+    with run_mod._StallWatch("demo chunk 3"):
+        time.sleep(1.2)  # sleeping uses no CPU, like a wedged pool
+    err = capsys.readouterr().err
+    assert "demo chunk 3: no CPU progress" in err and "rerun the same command to resume" in err
+    with run_mod._StallWatch("busy"):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            pass  # busy: no warning
+    assert "busy" not in capsys.readouterr().err

@@ -27,3 +27,6 @@ def render(name: str, out_dir=None, quick: bool = False) -> FigureResult:
     mod = importlib.import_module(f"meanfield.figures.{module}")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path("figures")
     return mod.render(out, quick=quick)
+register("rule_synthetic", "rule_synthetic", "The 1:1 rule's synthetic experiment re-run with its own construction: min erank vs rho, erank vs layer")
+register("one_to_one_rule", "one_to_one_rule", "1:1 rule in nonlinear particles (regimes, Lyapunov) and an NNX decoder (linear proxy vs forward pass)")
+register("shaped_sde", "shaped_sde", "Shaped transformer (finite width, exact in law) vs its kernel SDE: correlations over depth, KS distance vs width")

@@ -200,3 +200,46 @@ def second_moment_erank(X) -> jax.Array:
 def residual_ranks(decoder: Decoder, X) -> jax.Array:
     """Effective rank of the residual stream's second moment after each block, (n_layers + 1,)."""
     return jax.vmap(second_moment_erank)(decoder(X))
+
+
+def decoder_layer_matrices(decoder: Decoder, attention: str = "wo") -> tuple[np.ndarray, np.ndarray]:
+    r"""The 1:1 rule's per-layer matrices of a decoder, (L, d, d) each, in the $y = W x$ convention.
+
+    $W_\text{mlp} = W_\text{down} W_\text{up}$ (a gate, if any, dropped as the rule does);
+    `attention="wo"`: $W_\text{attn} = W_o$ (the rule; $W_o W_o^\top$ if not square);
+    `attention="value"`: $\sum_h W_o^h W_v^{g(h)}$ (value-aware: what attention adds for uniform weights).
+    """
+    cfg = decoder.cfg
+    H, KV, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+    mlps, attns = [], []
+    for block in decoder.blocks:
+        up = np.asarray(block.up.kernel[...], np.float64).T  # (h, d)
+        down = np.asarray(block.down.kernel[...], np.float64).T  # (d, h)
+        o = np.asarray(block.o.kernel[...], np.float64).T  # (d, H hd)
+        mlps.append(down @ up)
+        if attention == "wo":
+            attns.append(o if o.shape[0] == o.shape[1] else o @ o.T)
+        elif attention == "value":
+            v = np.asarray(block.v.kernel[...], np.float64).T  # (KV hd, d)
+            total = np.zeros((o.shape[0], v.shape[1]))
+            for h in range(H):
+                g = h // (H // KV)
+                total += o[:, h * hd:(h + 1) * hd] @ v[g * hd:(g + 1) * hd]
+            attns.append(total)
+        else:
+            raise ValueError(f"attention: must be 'wo' or 'value'; got {attention!r}")
+    return np.stack(mlps), np.stack(attns)
+
+
+def rule_vs_forward(decoder: Decoder, X, *, attention: str = "wo") -> dict[str, np.ndarray]:
+    """Per layer on the same weights: the rule's rho and linear-proxy erank (`meanfield.rule.propagate`,
+    float64) next to the erank of the actual forward pass on tokens X (`residual_ranks`, layers 1..L)."""
+    from ..rule import balance_ratio, propagate
+
+    W_mlp, W_attn = decoder_layer_matrices(decoder, attention)
+    traj = propagate(W_mlp, W_attn, dtype="float64")
+    return {
+        "rho": np.asarray(balance_ratio(W_mlp, W_attn)),
+        "linear_erank": np.asarray(traj.erank),
+        "forward_erank": np.asarray(residual_ranks(decoder, X))[1:],
+    }

@@ -241,6 +241,45 @@ class RunResult:
     computed: int
 
 
+STALL_SECONDS = float(os.environ.get("MEANFIELD_STALL_SECONDS", "300"))
+
+
+class _StallWatch:
+    """Warn (once per chunk) when a chunk's computation uses no CPU for `STALL_SECONDS`.
+
+    XLA's CPU runtime can wedge its Eigen thread pool on large vmapped graphs (all threads parked, 0%
+    CPU; seen once here in a 1200-point Lyapunov sweep, and reported upstream, e.g. PyAutoFit #1530).
+    Finished chunks are on disk, so the remedy is to stop and rerun (the run resumes); setting
+    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false avoids the wedge at some cost in speed.
+    """
+
+    def __init__(self, label: str):
+        import threading
+
+        self.label = label
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        last_cpu, last_wall = time.process_time(), time.perf_counter()
+        while not self._stop.wait(min(30.0, STALL_SECONDS / 4)):
+            cpu, wall = time.process_time(), time.perf_counter()
+            if cpu - last_cpu > 0.01 * (wall - last_wall):
+                last_cpu, last_wall = cpu, wall
+            elif wall - last_wall >= STALL_SECONDS:
+                print(f"\nwarning: {self.label}: no CPU progress for {wall - last_wall:.0f} s; XLA's CPU thread pool "
+                      "may be wedged. Finished chunks are saved: stop (Ctrl-C) and rerun the same command to resume; "
+                      "XLA_FLAGS=--xla_cpu_multi_thread_eigen=false avoids this.", file=sys.stderr, flush=True)
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+
 def _log(msg: str, quiet: bool) -> None:
     print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
 
@@ -334,7 +373,8 @@ def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc,
             sharding = NamedSharding(mesh, PartitionSpec("points"))
             values = {p: jax.device_put(v, sharding) for p, v in values.items()}
         t0 = time.perf_counter()
-        out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], fn(values))
+        with _StallWatch(f"{plan.config.name} chunk {chunk_counter + k}"):
+            out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], fn(values))
         idx = group.indices[sel]
         atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out), chunk_path(run_dir, int(idx.min()), int(idx.max())))
         computed += len(sel)
