@@ -1,7 +1,7 @@
 """Shaped transformer vs its kernel SDE at depth-to-width ratio T = 1 (Noci et al. 2023, arXiv 2306.17759).
 
-    python figures/shaped_sde.py            # m = 2 at widths 32..256, m = 3 at 32..128 (a few minutes, 2 cores)
-    python figures/shaped_sde.py --quick    # widths 32, 64, m = 2 only (under a minute)
+    meanfield figures shaped_sde            # m = 2 at widths 32..256, m = 3 at 32..128 (a few minutes, 2 cores)
+    meanfield figures shaped_sde --quick    # widths 32, 64, m = 2 only (under a minute)
 
 For each width n, finite networks with L = T n blocks (`meanfield.shaped.shaped_network_kernels`,
 exact in law) are compared with Euler–Maruyama paths of the SDE (`simulate_shaped_sde`):
@@ -14,11 +14,12 @@ attention drift is cubic, SHAPED.md §4) are dropped from every SDE statistic, a
 their fraction is reported.
 
 Writes figures/shaped_sde[_quick].png, .pdf and .json. Every number comes from the simulation.
+Key check: the KS distance (m = 2, rho12) at the largest width, expected below the two-sample 5%
+critical value (i.e. |KS - 0| <= critical value: the finite nets are indistinguishable from the SDE).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import platform
@@ -105,7 +106,7 @@ def run_m(m, cfg, key, log):
     return out, nets, rho_sde
 
 
-def plot(results, data, path, quick):
+def plot(results, data, quick):
     rows = len(results)
     fig, axes = plt.subplots(rows, 3, figsize=(15, 4.2 * rows), squeeze=False)
     for r, res in enumerate(results):
@@ -155,28 +156,23 @@ def plot(results, data, path, quick):
     fig.suptitle(r"Shaped transformer vs kernel SDE: $\gamma_a^2=.3$, $\gamma_f^2=.2$, $\tau_0=.5$, $c_\pm=\pm1$"
                  + (" (quick)" if quick else ""))
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=130)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    return fig
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parent)
-    args = parser.parse_args(argv)
-    cfg = SETTINGS["quick" if args.quick else "full"]
+def render(out_dir, quick: bool = False, seed: int = 0):
+    """Run the comparison and write shaped_sde[_quick].png/.pdf/.json into out_dir."""
+    from .style import save_figure
+
+    cfg = SETTINGS["quick" if quick else "full"]
     start = time.time()
     log = lambda s: print(f"[{time.time() - start:6.1f}s] {s}", flush=True)  # noqa: E731
-    key = jax.random.key(args.seed)
+    key = jax.random.key(seed)
     results, data = [], {}
     for m in cfg["ms"]:
         res, nets, rho_sde = run_m(m, cfg, jax.random.fold_in(key, m), log)
         results.append(res)
         data[m] = (nets, rho_sde)
-    path = args.out / ("shaped_sde_quick" if args.quick else "shaped_sde")
-    plot(results, data, path, args.quick)
+    fig = plot(results, data, quick)
 
     print("\nKS distance, finite nets vs SDE (output correlations at T = 1):")
     for res in results:
@@ -189,13 +185,13 @@ def main(argv=None):
     if any(r["m"] == 2 for r in results):
         print(f"  reference (SHAPED.md §3, m = 2): {REFERENCE_KS_M2}")
     meta = dict(
-        description=__doc__.splitlines()[0], mode="quick" if args.quick else "full", seed=args.seed, T=T, n_k=N_K,
-        hyper=HYPER, settings=cfg, reference_ks_m2=REFERENCE_KS_M2, results=results,
+        description=__doc__.splitlines()[0], mode="quick" if quick else "full", seed=seed, T=T, n_k=N_K,
+        hyper=HYPER, settings=cfg, reference_ks_m2=REFERENCE_KS_M2, results=json.loads(json.dumps(results, default=str)),
         seconds=time.time() - start, versions=dict(jax=jax.__version__, numpy=np.__version__, python=platform.python_version()),
     )
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
-    log(f"wrote {path.with_suffix('.png')}, .pdf, .json")
-
-
-if __name__ == "__main__":
-    main()
+    res2 = next(r for r in results if r["m"] == 2)
+    n_max = max(res2["widths"])
+    w = res2["widths"][n_max]
+    return save_figure(fig, pathlib.Path(out_dir), "shaped_sde_quick" if quick else "shaped_sde", meta,
+                       key=f"KS distance net vs SDE, m = 2, n = {n_max} (tolerance: 5% critical value)",
+                       value=w["ks"][0], expected=0.0, tolerance=w["ks_critical_5pct"], quick=quick)
