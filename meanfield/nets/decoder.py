@@ -39,7 +39,8 @@ class DecoderConfig:
     head_dim: int
     hidden: int
     num_kv_heads: int | None = None
-    mlp: str = "gelu"  # "gelu" | "relu" | "swiglu" | "geglu"
+    mlp: str = "gelu"  # "gelu" | "relu" | "silu" | "swiglu" | "geglu"
+    gelu_exact: bool = False  # erf GELU (BERT "gelu"); else the tanh approximation (GPT-2 "gelu_new")
     norm: str = "layernorm"  # "layernorm" | "rmsnorm" | "none"
     norm_offset: bool = False  # Gemma: scale = 1 + weight
     parallel_residual: bool = False
@@ -47,10 +48,13 @@ class DecoderConfig:
     causal: bool = True
     bias: bool = True
     eps: float = 1e-5
+    sandwich_norms: bool = False  # Gemma-2/3: RMSNorm on each branch output before the residual add
+    qk_norm: bool = False  # Gemma-3 / Qwen3: per-head RMSNorm of queries and keys
+    attn_scale: float | None = None  # logit scale (default 1/sqrt(head_dim))
 
     def __post_init__(self):
-        if self.mlp not in ("gelu", "relu", "swiglu", "geglu"):
-            raise ValueError(f"mlp: must be gelu, relu, swiglu or geglu; got {self.mlp!r}")
+        if self.mlp not in ("gelu", "relu", "silu", "swiglu", "geglu"):
+            raise ValueError(f"mlp: must be gelu, relu, silu, swiglu or geglu; got {self.mlp!r}")
         if self.norm not in ("layernorm", "rmsnorm", "none"):
             raise ValueError(f"norm: must be layernorm, rmsnorm or none; got {self.norm!r}")
         kv = self.num_kv_heads or self.num_heads
@@ -105,6 +109,10 @@ class Block(nnx.Module):
         self.up = _linear(d, h, cfg.bias, rngs, std)
         self.gate = _linear(d, h, False, rngs, std) if cfg.gated else None
         self.down = _linear(h, d, cfg.bias, rngs, std)
+        self.post_attn_norm = Norm(d, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.sandwich_norms else None
+        self.post_mlp_norm = Norm(d, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.sandwich_norms else None
+        self.q_norm = Norm(hd, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = Norm(hd, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.qk_norm else None
 
     def attention(self, x):
         cfg = self.cfg
@@ -113,7 +121,10 @@ class Block(nnx.Module):
         q = self.q(x).reshape(n, H, hd)
         k = jnp.repeat(self.k(x).reshape(n, KV, hd), H // KV, axis=1)
         v = jnp.repeat(self.v(x).reshape(n, KV, hd), H // KV, axis=1)
-        logits = jnp.einsum("ihd,jhd->hij", q, k) / jnp.sqrt(jnp.asarray(hd, x.dtype))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / np.sqrt(hd)
+        logits = jnp.einsum("ihd,jhd->hij", q, k) * scale
         if cfg.causal:
             mask = jnp.tril(jnp.ones((n, n), bool))
             logits = jnp.where(mask, logits, -jnp.inf)
@@ -124,10 +135,14 @@ class Block(nnx.Module):
         kind = self.cfg.mlp
         if kind == "swiglu":
             return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        gelu = lambda z: jax.nn.gelu(z, approximate=not self.cfg.gelu_exact)  # noqa: E731
         if kind == "geglu":
-            return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
-        act = jax.nn.relu if kind == "relu" else (lambda z: jax.nn.gelu(z, approximate=True))
+            return self.down(gelu(self.gate(x)) * self.up(x))
+        act = {"relu": jax.nn.relu, "silu": jax.nn.silu}.get(kind, gelu)
         return self.down(act(self.up(x)))
+
+    def _branch(self, norm, y):
+        return y if norm is None else norm(y)
 
     def __call__(self, x):
         cfg = self.cfg
@@ -136,8 +151,8 @@ class Block(nnx.Module):
             return self.ln2(h + self.mlp(h))
         if cfg.parallel_residual:
             return x + self.attention(self.ln1(x)) + self.mlp(self.ln2(x))
-        h = x + self.attention(self.ln1(x))
-        return h + self.mlp(self.ln2(h))
+        h = x + self._branch(self.post_attn_norm, self.attention(self.ln1(x)))
+        return h + self._branch(self.post_mlp_norm, self.mlp(self.ln2(h)))
 
 
 class Decoder(nnx.Module):
@@ -157,19 +172,33 @@ class Decoder(nnx.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt) -> "Decoder":
-        """A decoder holding the weights of a `meanfield.checkpoints.Checkpoint` (matrices (out, in))."""
-        L = len(ckpt.layers)
+        """A decoder holding the blocks of a `meanfield.checkpoints.Checkpoint` (matrices (out, in)).
+
+        Modelled: the block structure (pre-LN, parallel, post-LN), grouped-query causal attention (BERT:
+        bidirectional), the MLP kind and activation, Gemma's 1 + w norm scale, sandwich norms and q/k
+        norms, and `query_pre_attn_scalar`. Not modelled: positional encodings (RoPE, learned), Gemma-2's
+        logit soft-capping and sliding-window layers (all layers attend globally here).
+        """
+        if ckpt.num_heads <= 0 or ckpt.head_dim <= 0:
+            raise ValueError(f"{ckpt.source}: the checkpoint does not fix num_heads / head_dim (no config.json?); "
+                             "the forward pass needs them")
         first = ckpt.layers[0]
-        mlp = ckpt.mlp_kind if ckpt.mlp_kind in ("gelu", "relu", "swiglu", "geglu") else "gelu"
+        cfgd = ckpt.config or {}
+        scalar = cfgd.get("query_pre_attn_scalar")
+        # Hugging Face defaults when config.json does not say: RMSNorm models 1e-6, BERT 1e-12, else 1e-5
+        default_eps = 1e-12 if ckpt.arch == "bert" else 1e-6 if ckpt.norm == "rmsnorm" else 1e-5
         cfg = DecoderConfig(
-            d_model=ckpt.d_model, n_layers=L, num_heads=ckpt.num_heads, num_kv_heads=ckpt.num_kv_heads,
-            head_dim=ckpt.head_dim, hidden=int(np.asarray(first.w_up).shape[0]), mlp=mlp, norm=ckpt.norm,
-            norm_offset=bool(getattr(ckpt, "norm_offset", False)), parallel_residual=bool(ckpt.parallel_residual),
-            post_ln=bool(getattr(first, "post_ln", False) or getattr(ckpt, "post_ln", False)),
-            causal=not bool(getattr(first, "post_ln", False) or getattr(ckpt, "post_ln", False)), bias=True,
-            eps=float(ckpt.config.get("layer_norm_eps", ckpt.config.get("rms_norm_eps", ckpt.config.get("layer_norm_epsilon", 1e-5)))),
+            d_model=ckpt.d_model, n_layers=len(ckpt.layers), num_heads=ckpt.num_heads,
+            num_kv_heads=ckpt.num_kv_heads or ckpt.num_heads, head_dim=ckpt.head_dim,
+            hidden=int(np.asarray(first.w_up).shape[0]), mlp=ckpt.mlp_kind, norm=ckpt.norm,
+            gelu_exact=ckpt.activation == "gelu", norm_offset=ckpt.norm_weight_offset != 0.0,
+            parallel_residual=bool(ckpt.parallel_residual), post_ln=ckpt.post_ln, causal=not ckpt.post_ln,
+            bias=True, sandwich_norms=first.post_attn_norm_weight is not None, qk_norm=first.q_norm_weight is not None,
+            attn_scale=None if scalar is None else float(scalar) ** -0.5,
+            eps=float(cfgd.get("layer_norm_eps", cfgd.get("rms_norm_eps", cfgd.get("layer_norm_epsilon", default_eps)))),
         )
         dec = cls(cfg, rngs=nnx.Rngs(0))
+        f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))  # noqa: E731
         for block, lw in zip(dec.blocks, ckpt.layers):
             for name, w, b in (("q", lw.w_q, lw.b_q), ("k", lw.w_k, lw.b_k), ("v", lw.w_v, lw.b_v),
                                ("o", lw.w_o, lw.b_o), ("up", lw.w_up, lw.b_up), ("down", lw.w_down, lw.b_down),
@@ -177,14 +206,19 @@ class Decoder(nnx.Module):
                 lin = getattr(block, name)
                 if lin is None:
                     continue
-                lin.kernel[...] = jnp.asarray(np.asarray(w, np.float32).T)
+                lin.kernel[...] = f32(w).T
                 if lin.bias is not None:
-                    lin.bias[...] = jnp.zeros_like(lin.bias[...]) if b is None else jnp.asarray(np.asarray(b, np.float32))
-            for ln, g, b in ((block.ln1, lw.ln1_weight, lw.ln1_bias), (block.ln2, lw.ln2_weight, lw.ln2_bias)):
-                if g is not None:
-                    ln.scale[...] = jnp.asarray(np.asarray(g, np.float32))
+                    lin.bias[...] = jnp.zeros_like(lin.bias[...]) if b is None else f32(b)
+            norms = ((block.ln1, lw.ln1_weight, lw.ln1_bias), (block.ln2, lw.ln2_weight, lw.ln2_bias),
+                     (block.post_attn_norm, lw.post_attn_norm_weight, None),
+                     (block.post_mlp_norm, lw.post_mlp_norm_weight, None),
+                     (block.q_norm, lw.q_norm_weight, None), (block.k_norm, lw.k_norm_weight, None))
+            for ln, g, b in norms:
+                if ln is None:
+                    continue
+                ln.scale[...] = f32(g)
                 if ln.bias is not None:
-                    ln.bias[...] = jnp.zeros_like(ln.bias[...]) if b is None else jnp.asarray(np.asarray(b, np.float32))
+                    ln.bias[...] = jnp.zeros_like(ln.bias[...]) if b is None else f32(b)
         return dec
 
 
