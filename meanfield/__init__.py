@@ -44,3 +44,12 @@ from .sweep.store import load_run as load_run  # noqa: E402
 from .sweep.run import run_experiment as run_experiment  # noqa: E402
 
 __all__ += ["load_run", "run_experiment"]
+
+from . import rule as rule  # noqa: E402
+from .checkpoints import load_checkpoint as load_checkpoint  # noqa: E402
+from .lyapunov import LyapunovResult as LyapunovResult  # noqa: E402
+from .lyapunov import gaussian_lyapunov as gaussian_lyapunov  # noqa: E402
+from .lyapunov import lyapunov_spectrum as lyapunov_spectrum  # noqa: E402
+from .lyapunov import particle_lyapunov as particle_lyapunov  # noqa: E402
+
+__all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov"]

@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures", help="output directory (default: figures/)")
     p.add_argument("--list", action="store_true", help="list the catalogued figures")
     p.set_defaults(func=_cmd_figures)
+    from .checkpoints.cli import add_parser as add_weights_parser
+
+    add_weights_parser(sub)
     return parser
 
 
