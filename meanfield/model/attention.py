@@ -113,13 +113,22 @@ def blocked_attention(model, X: Tokens, *, block_size: int = 1024) -> Tokens:
     return out
 
 
-def attention(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024) -> Tokens:
+def attention(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024, orders=None,
+              rtol: float | None = None) -> Tokens:
     """`Attn(x_i; X)` for every token of X (n, d) with the model's attention type.
 
-    `impl`: `"dense"`, `"blocked"`, or `"auto"` (dense up to `DENSE_MAX_TOKENS` tokens).
+    `impl`: `"dense"`, `"blocked"`, or `"auto"` (dense up to `DENSE_MAX_TOKENS` tokens): the
+    direct sum. With `orders` (a static tuple from `choose_orders`), softmax and unnormalised
+    attention use `lowrank_attention` (separable Chebyshev features, O(n F)) with its a priori
+    error bound checked against `rtol` on the current tokens, falling back to `impl` otherwise.
     """
     if model.attention == "none":
         return jnp.zeros_like(X)
+    if orders is not None and model.attention in ("softmax", "unnormalised"):
+        from .fast_attention import lowrank_attention
+
+        direct_impl = "blocked" if impl == "auto" else impl
+        return lowrank_attention(model, X, orders=orders, rtol=rtol, block_size=block_size, direct_impl=direct_impl)
     if impl == "auto":
         impl = "dense" if X.shape[0] <= DENSE_MAX_TOKENS else "blocked"
     if impl == "dense":

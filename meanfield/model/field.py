@@ -34,22 +34,26 @@ def sphere_project(X: Tokens, V: Tokens) -> Tokens:
     return V - jnp.sum(X * V, axis=-1, keepdims=True) * X
 
 
-def token_velocity(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024) -> Tokens:
+def token_velocity(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024, orders=None,
+                   rtol: float | None = None) -> Tokens:
     """$F(X)_i = a_attn Attn(x_i; X) + a_mlp MLP(x_i)$, sphere-projected if `norm='sphere'`.
 
-    `model` must be depth-constant (use `model.at(t)` for a piecewise one).
+    `model` must be depth-constant (use `model.at(t)` for a piecewise one). `orders`, `rtol`:
+    fast low-rank attention (see `attention`).
     """
     if model.norm == "sphere":
         X = X / jnp.linalg.norm(X, axis=-1, keepdims=True)
-    v = model.a_attn * attention(model, X, impl=impl, block_size=block_size) + model.a_mlp * mlp(model, X)
+    attn = attention(model, X, impl=impl, block_size=block_size, orders=orders, rtol=rtol)
+    v = model.a_attn * attn + model.a_mlp * mlp(model, X)
     if model.norm == "sphere":
         v = sphere_project(X, v)
     return v
 
 
-def particle_field(t, X: Tokens, model, *, impl: str = "auto", block_size: int = 1024) -> Tokens:
+def particle_field(t, X: Tokens, model, *, impl: str = "auto", block_size: int = 1024, orders=None,
+                   rtol: float | None = None) -> Tokens:
     """The token ODE's right-hand side at depth t (picks the active layer)."""
-    return token_velocity(model.at(t), X, impl=impl, block_size=block_size)
+    return token_velocity(model.at(t), X, impl=impl, block_size=block_size, orders=orders, rtol=rtol)
 
 
 def gaussian_closure_error(model) -> str | None:

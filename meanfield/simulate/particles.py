@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .._types import Tokens
+from ..model.fast_attention import default_rtol, plan_attention
 from ..model.field import particle_field
 from .solvers import make_controller, make_solver, progress_meter, save_times
 
@@ -79,6 +80,8 @@ def simulate_particles(
     max_steps: int = 100_000,
     attention_impl: str = "auto",
     block_size: int = 1024,
+    attention_method: str = "auto",
+    attention_rtol: float | None = None,
     save_fn: Callable[[Tokens], Any] | None = None,
     dense: bool = False,
     progress: bool = False,
@@ -96,6 +99,16 @@ def simulate_particles(
             `"midpoint"` (fixed step `dt0`), or any diffrax solver.
         attention_impl: `"dense"`, `"blocked"` (online softmax, O(n) memory) or `"auto"`
             (dense up to 4096 tokens). `block_size`: tokens per block.
+        attention_method: `"direct"` (the sum over all pairs, `attention_impl`), `"lowrank"`
+            (separable Chebyshev features, O(n F), `mf.lowrank_attention`; softmax and
+            unnormalised attention, causal or not, rank(Q^T K) small) or `"auto"` (low-rank only
+            when its a priori error bound meets `attention_rtol` and its cost model beats the
+            direct sum: in practice n >= 2048 tokens with d or rank(Q^T K) <= 4). The orders are
+            chosen here from `X0` (concrete values; under an outer jit/vmap "auto" is direct);
+            every field evaluation rechecks the bound on the current tokens and falls back to the
+            direct sum where it fails. Shaped attention is always direct.
+        attention_rtol: error bound for the low-rank path, relative to max_j |V x_j| (softmax);
+            default 1e-6 in float32, 1e-12 in float64.
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
         dense: also keep dense output, available through `.evaluate(t)`.
         progress: show a tqdm progress bar over depth.
@@ -113,6 +126,9 @@ def simulate_particles(
         )
     if X0.shape[0] < 1:
         raise ValueError("simulate_particles: `X0` must hold at least one token; got n = 0.")
+    orders = plan_attention(model, X0, method=attention_method, rtol=attention_rtol)
+    rtol_attn = None if orders is None else (
+        default_rtol(model.dtype) if attention_rtol is None else float(attention_rtol))
     solver_obj, adaptive = make_solver(solver)
     ts = save_times(t0, t1, ts, n_save, model.dtype)
     controller = make_controller(
@@ -122,14 +138,15 @@ def simulate_particles(
         model, X0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
         None if dt0 is None else jnp.asarray(dt0, model.dtype),
         solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense, progress, blowup_growth,
+        orders, rtol_attn,
     )
 
 
 @eqx.filter_jit
 def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress,
-           blowup_growth):
+           blowup_growth, orders=None, rtol_attn=None):
     def vector_field(t, X, args):
-        return particle_field(t, X, args, impl=impl, block_size=block_size)
+        return particle_field(t, X, args, impl=impl, block_size=block_size, orders=orders, rtol=rtol_attn)
 
     fn = (lambda t, y, args: y) if save_fn is None else (lambda t, y, args: save_fn(y))
     event = None
