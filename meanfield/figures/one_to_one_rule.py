@@ -135,6 +135,46 @@ def band_scores(ds) -> dict:
     return scores
 
 
+def growth_rate_scores(ds, t1: float = 10.0, growth_limit: float = 1e6) -> dict:
+    r"""Blow-up predicted by the linearised field's growth rate, without norm.
+
+    $\alpha = \max\operatorname{Re}\operatorname{eig}(a_\text{attn} V + a_\text{mlp} W_2\,\mathrm{gelu}'(0)\,W_1)$,
+    $\mathrm{gelu}'(0) = 1/2$ (the field's Jacobian at the origin for uniform attention weights); the a-priori
+    rule is blow-up iff $\alpha t_1 > \log(\text{growth limit})$. Models rebuilt with the sweep's seeding
+    (`Model.random(fold_in(key(seed), 0), d)` then `with_spectral_ratio`). Also the best fitted threshold.
+    """
+    from ..model.params import Model
+    from ..model.spectral import with_spectral_ratio
+    from ..sweep.build import point_keys
+
+    s = ds["model.norm"].values.astype(str) == "none"
+    if not s.any():
+        return {}
+    d = int(yaml_d(ds))
+    rho = ds["model.spectral_ratio"].values[s]
+    beta = ds["model.beta"].values[s]
+    seed = ds["seed"].values[s]
+    blow = ds["regime"].values[s] == REGIMES.index("blowup")
+    alpha = np.empty(len(rho))
+    for i in range(len(rho)):
+        m = Model.random(point_keys(int(seed[i]))[0], d, beta=float(beta[i]), mlp="two_layer", activation="gelu")
+        m = with_spectral_ratio(m, float(rho[i]))
+        J = np.asarray(m.a_attn * m.V, np.float64) + 0.5 * np.asarray(m.a_mlp * (m.W2 @ m.W1), np.float64)
+        alpha[i] = np.max(np.linalg.eigvals(J).real)
+    thr = np.log(growth_limit) / t1
+    fitted = max((float(np.mean((alpha >= c) == blow)), float(c)) for c in np.unique(alpha))
+    return {"n": int(s.sum()), "blowup_fraction": float(blow.mean()), "a_priori_threshold": float(thr),
+            "a_priori_accuracy": float(np.mean((alpha > thr) == blow)), "fitted_accuracy": fitted[0],
+            "fitted_threshold": fitted[1], "band_upper_edge_accuracy": float(np.mean((rho > BAND[1]) == blow)),
+            "alpha": alpha}
+
+
+def yaml_d(ds) -> int:
+    import yaml
+
+    return yaml.safe_load(ds.attrs["config_yaml"])["model"]["d"]
+
+
 # ----------------------------------------------------------------------------- decoder
 
 
@@ -238,6 +278,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
     t_particles = time.time() - t0
     summ = particle_summary(ds)
     scores = band_scores(ds)
+    growth = growth_rate_scores(ds)
     t1 = time.time()
     dec = decoder_study(quick)
     t_decoder = time.time() - t1
@@ -250,6 +291,11 @@ def render(out_dir, quick: bool = False) -> FigureResult:
         print(f"  norm={nm:6}: n={sc['n']}, stable {sc['stable_fraction']:.2f}; band accuracy {sc['band_accuracy']:.2f}; "
               f"best threshold rho {'<=' if sc['best_side'] == 'below' else '>='} {sc['best_threshold']:.3g}: "
               f"{sc['best_threshold_accuracy']:.2f}; always-majority {sc['constant_accuracy']:.2f}")
+    if growth:
+        print(f"  no norm, blow-up: a-priori alpha t1 > log(1e6) (alpha > {growth['a_priori_threshold']:.3f}) right "
+              f"{growth['a_priori_accuracy']:.3f}; fitted alpha >= {growth['fitted_threshold']:.3f}: "
+              f"{growth['fitted_accuracy']:.3f}; 'rho > 2' {growth['band_upper_edge_accuracy']:.3f} "
+              f"(blow-up fraction {growth['blowup_fraction']:.2f})")
     print("decoder: Spearman correlation with the forward-pass min erank")
     for norm, sc in dscores.items():
         print(f"  {norm}: " + "; ".join(f"{k} {v:+.2f}" for k, v in sc.items()))
@@ -336,6 +382,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
     data = {
         "particles": {nm: {k: v for k, v in s.items()} for nm, s in summ.items()},
         "band_scores": scores,
+        "growth_rate_scores": growth,
         "decoder": {k: (v if not isinstance(v, np.ndarray) or v.dtype.kind != "U" else v.tolist()) for k, v in dec.items()},
         "decoder_spearman": dscores,
         "seconds": {"particles": t_particles, "decoder": t_decoder},
