@@ -41,8 +41,12 @@ prefix mean when causal). The right-hand side uses only the data range (a priori
 work): it picks the orders $N_k$ and decides the fallback; the middle one (a posteriori, from the
 computed $\tilde D_i$) is reported as well. For unnormalised attention the error in units of the
 output scale $\frac1n\sum_j e^{\ell_{ij}}\,V_\infty$ has the same bounds without the factor 2.
-Bounds are relative to $V_\infty$ and ignore float rounding (about machine epsilon times the
-kernel's dynamic range $1/J_i$).
+Rounding: a shifted kernel value is a sum of Chebyshev terms whose absolute values sum to about 1
+(the coefficients are $2 I_m(\gamma) e^{-\gamma}$), so it carries an absolute rounding error of order
+$u$ (unit roundoff) however small the value; both bounds add the estimate $(2\text{ or }1)\,u\,C/J_i$
+(a priori) and $(2\text{ or }1)\,u\,C\,n_i/\tilde D_i$ (a posteriori), $C = 4 + 2r$ for $r$ active
+coordinates (measured rounding errors stayed below 0.4 $u\,n_i/D_i$). This term is what makes
+float32 fail large `beta` times radius: the kernel's dynamic range $1/J_i$ times $u$.
 
 Static orders under jit: the number of features is a shape, so the orders are chosen outside jit
 from concrete data (`choose_orders`, with a range margin for tokens that move) and passed as a
@@ -133,10 +137,22 @@ def _eta(p, b, orders):
     return jnp.expm1(jnp.sum(jnp.log1p(rho(g, orders)), axis=-1))
 
 
-def _prior_from_geometry(p, b, expo, orders, softmax, frac):
+def _unit_roundoff(dtype) -> float:
+    return float(jnp.finfo(dtype).eps) / 2.0
+
+
+def _rounding_constant(orders) -> float:
+    """C in the rounding term u C n_i / D_i (u: unit roundoff): 4 + 2 r, r active coordinates."""
+    return 4.0 + 2.0 * sum(1 for o in orders if o > 1)
+
+
+def _prior_from_geometry(p, b, expo, orders, softmax, frac, rounding=None):
+    """Per-query a priori bound: (2 or 1) [eta / (J - eta) + u C / J], J = exp(-expo)."""
     eta = _eta(p, b, jnp.asarray(orders, p.dtype)) * frac
     J = jnp.exp(-expo)
     bound = jnp.where(J > eta, eta / jnp.maximum(J - eta, jnp.finfo(p.dtype).tiny), jnp.inf)
+    if rounding is not None:
+        bound = bound + rounding / jnp.maximum(J, jnp.finfo(p.dtype).tiny)
     return (2.0 if softmax else 1.0) * bound
 
 
@@ -156,10 +172,11 @@ def truncation_bound(model, X: Tokens, orders, *, chunk: int = 256) -> jax.Array
     X = jnp.asarray(X)
     p, q, c, b, expo = _geometry(model, X, model.causal)
     frac = _prev_fraction(X.shape[0], chunk, X.dtype) if model.causal else jnp.ones((X.shape[0],), X.dtype)
-    return jnp.max(_prior_from_geometry(p, b, expo, orders, model.attention == "softmax", frac))
+    rounding = _unit_roundoff(X.dtype) * _rounding_constant(orders) if not isinstance(orders, jax.Array) else None
+    return jnp.max(_prior_from_geometry(p, b, expo, orders, model.attention == "softmax", frac, rounding))
 
 
-def _np_prior_max(g, expo, frac, orders, softmax):
+def _np_prior_max(g, expo, frac, orders, softmax, u):
     """NumPy float64 twin of the a priori bound (max over queries) for the planner."""
     orders = np.asarray(orders, np.float64)
     lg = np.array([math.lgamma(o + 1.0) for o in orders])
@@ -169,6 +186,7 @@ def _np_prior_max(g, expo, frac, orders, softmax):
         eta = np.expm1(np.sum(np.log1p(r), axis=-1)) * frac
         J = np.exp(-expo)
         bound = np.where(J > eta, eta / np.maximum(J - eta, 1e-300), np.inf)
+        bound = bound + u * _rounding_constant(orders) / np.maximum(J, 1e-300)
     return (2.0 if softmax else 1.0) * float(np.max(bound))
 
 
@@ -195,6 +213,7 @@ def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARG
     n, d = p.shape
     frac = np.asarray(_prev_fraction(n, chunk, jnp.float64 if X.dtype == jnp.float64 else jnp.float32), np.float64) \
         if model.causal else np.ones((n,))
+    u = _unit_roundoff(X.dtype)
     g_all = np.abs(p) * b * margin
     expo_all = expo * margin
     softmax = model.attention == "softmax"
@@ -207,22 +226,25 @@ def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARG
 
     def bound(o, full=False):
         if full:
-            return _np_prior_max(g_all, expo_all, frac, o, softmax)
-        return _np_prior_max(g, ex, fr, o, softmax)
+            return _np_prior_max(g_all, expo_all, frac, o, softmax, u)
+        return _np_prior_max(g, ex, fr, o, softmax, u)
 
     def fits(o):
         return o.max() <= MAX_ORDER and np.prod(o) <= max_features
 
     # Start from a per-coordinate split of the tolerance (sufficient up to the coupling of the
     # factors), then lower orders greedily, largest cost saving first, while the bound holds.
-    w = 2.0 * fr * np.exp(ex)
+    with np.errstate(over="ignore"):
+        w = 2.0 * fr * np.exp(ex)
     orders = np.full(d, MAX_ORDER + 1, dtype=np.int64)
     for k in range(d):
         for N in range(1, MAX_ORDER + 1):
-            with np.errstate(divide="ignore", over="ignore"):
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
                 r = np.where(g[:, k] > 0, np.exp(np.minimum(
                     math.log(2.0) + N * np.log(np.maximum(g[:, k], 1e-300) / 2) - math.lgamma(N + 1.0), 50.0)), 0.0)
-            if np.max(w * r) <= rtol / (2.0 * d):
+            with np.errstate(over="ignore", invalid="ignore"):
+                worst = np.max(w * r)
+            if worst <= rtol / (2.0 * d):
                 orders[k] = N
                 break
     if not fits(orders) or not bound(orders) <= rtol:
@@ -447,7 +469,8 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
     softmax = model.attention == "softmax"
     p, q, c, b, expo = _geometry(model, X, model.causal)
     frac = _prev_fraction(n, min(chunk, n), X.dtype) if model.causal else jnp.ones((n,), X.dtype)
-    prior = _prior_from_geometry(p, b, expo, orders, softmax, frac)
+    u = _unit_roundoff(X.dtype)
+    prior = _prior_from_geometry(p, b, expo, orders, softmax, frac, u * _rounding_constant(orders))
     bound = jnp.max(prior)
     v = X @ model.V.T
     vals = jnp.concatenate([v, jnp.ones((n, 1), X.dtype)], axis=1)
@@ -462,7 +485,9 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
             n_i = jnp.full((n,), n, X.dtype)
         num, den = S[:, :d], S[:, d]
         eta = _eta(p, b, jnp.asarray(orders, X.dtype))
-        post = (2.0 if softmax else 1.0) * n_i * eta / jnp.maximum(den, jnp.finfo(X.dtype).tiny)
+        n_all = jnp.arange(1, n + 1, dtype=X.dtype) if model.causal else n_i
+        post = (2.0 if softmax else 1.0) * (n_i * eta + u * _rounding_constant(orders) * n_all) \
+            / jnp.maximum(den, jnp.finfo(X.dtype).tiny)
         if softmax:
             out = num / den[:, None]
         else:
