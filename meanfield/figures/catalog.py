@@ -30,3 +30,5 @@ def render(name: str, out_dir=None, quick: bool = False) -> FigureResult:
 register("rule_synthetic", "rule_synthetic", "The 1:1 rule's synthetic experiment re-run with its own construction: min erank vs rho, erank vs layer")
 register("one_to_one_rule", "one_to_one_rule", "1:1 rule in nonlinear particles (regimes, Lyapunov) and an NNX decoder (linear proxy vs forward pass)")
 register("shaped_sde", "shaped_sde", "Shaped transformer (finite width, exact in law) vs its kernel SDE: correlations over depth, KS distance vs width")
+register("consensus", "consensus", "Consensus on the sphere, full and causal attention: distance vs depth with fitted rates (theory -1 and -1/2)")
+register("clustering", "clustering", "Clustering and metastability on the circle and the sphere for beta in {1, 4, 9}: token angles and cluster counts over depth")
