@@ -32,4 +32,7 @@ register("one_to_one_rule", "one_to_one_rule", "1:1 rule in nonlinear particles 
 register("shaped_sde", "shaped_sde", "Shaped transformer (finite width, exact in law) vs its kernel SDE: correlations over depth, KS distance vs width")
 register("consensus", "consensus", "Consensus on the sphere, full and causal attention: distance vs depth with fitted rates (theory -1 and -1/2)")
 register("clustering", "clustering", "Clustering and metastability on the circle and the sphere for beta in {1, 4, 9}: token angles and cluster counts over depth")
+register("density_convergence", "density_convergence", "Particles -> density PDE on the circle: W1 vs n with fitted rate (~n^-1/2)")
+register("density_metastability", "density_metastability", "Density PDE peaks vs particle clusters over depth for beta = 1, 4, 9")
 register("million_tokens", "million_tokens", "10^6 tokens clustering on S^2 to t = 20 through the fast low-rank attention: density (Mollweide) at several depths")
+register("gaussian_tracking", "gaussian_tracking", "Gaussian tokens through a finite NNX transformer: distance to Gaussianity per layer, empirical vs moment-ODE covariance")
