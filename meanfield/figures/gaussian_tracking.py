@@ -11,9 +11,11 @@ over 20 draws). Middle: the empirical covariance against the moment ODE (`simula
 24 and 96 blocks (finite n + O(h) Euler error) and against the discrete moment map (finite n only).
 Right: tokens and covariance ellipses (empirical solid, ODE dashed) at three depths, affine variant.
 
-Key check: the affine variant's largest per-layer distance divided by the i.i.d. floor's 95% quantile,
-expected <= 1 (reported as |ratio - 0.5| <= 0.5): the affine network keeps its tokens exactly as
-Gaussian as i.i.d. samples are.
+Key check: the affine variant's distance averaged over layers divided by the i.i.d. floor's mean,
+expected 1 (tolerance 0.2): the affine network keeps its tokens as Gaussian as i.i.d. samples are. Measured
+(full size): 1.04; the GELU variant leaves the floor after a few blocks and reaches 6x it at depth 2;
+the empirical covariance differs from the moment ODE by 16% (L = 24) and 5.3% (L = 96) at depth 2 (the
+O(h) Euler error: ratio 3 for h / 4) but from the discrete moment map by only 2.6% / 1.3% (finite n).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
 
     aff = res[("affine", L0)]["sw2_relative"]
     gel = res[("gelu", L0)]["sw2_relative"]
-    ratio = float(np.max(aff) / q_hi)
+    ratio = float(np.mean(aff) / floor.mean())
     e0, e1 = res[("affine", L0)]["cov_error"][-1], res[("affine", L1)]["cov_error"][-1]
     m0_, m1_ = res[("affine", L0)]["cov_error_map"][-1], res[("affine", L1)]["cov_error_map"][-1]
     print(f"gaussian_tracking ({seconds:.0f} s): sliced W2 / sqrt(tr S), affine max {aff.max():.4f}, GELU first/mid/last "
@@ -140,5 +142,5 @@ def render(out_dir, quick: bool = False) -> FigureResult:
             "cov_error_ode": {str(L): res[("affine", L)]["cov_error"] for L in (L0, L1)},
             "cov_error_map": {str(L): res[("affine", L)]["cov_error_map"] for L in (L0, L1)}, "seconds": seconds}
     return save_figure(fig, out_dir, "gaussian_tracking_quick" if quick else "gaussian_tracking", data,
-                       key="affine variant: max per-layer sliced W2 / i.i.d. floor (95% quantile); <= 1 means Gaussian",
-                       value=ratio, expected=0.5, tolerance=0.5, quick=quick)
+                       key="affine variant: sliced W2 averaged over layers / i.i.d. floor mean (1: as Gaussian as i.i.d.)",
+                       value=ratio, expected=1.0, tolerance=0.2, quick=quick)
