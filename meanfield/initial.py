@@ -9,14 +9,14 @@ from .model.params import default_float_dtype
 
 
 def sphere_uniform(key, n: int, d: int, dtype=None) -> jax.Array:
-    """n tokens i.i.d. uniform on the unit sphere S^{d-1} (normalised Gaussians)."""
+    """Returns (n, d): n tokens i.i.d. uniform on the unit sphere S^{d-1}, $x = g/|g|$ with $g \sim N(0, I_d)$."""
     dtype = default_float_dtype() if dtype is None else dtype
     X = jax.random.normal(key, (n, d), dtype)
     return X / jnp.linalg.norm(X, axis=-1, keepdims=True)
 
 
 def hemisphere(key, n: int, d: int, direction=None, dtype=None) -> jax.Array:
-    """n tokens uniform on the open hemisphere {x : <x, direction> > 0} (default direction e_1)."""
+    """Returns (n, d): n tokens uniform on the open hemisphere $\{x : \langle x, u\rangle > 0\}$, u = `direction` (default e_1)."""
     X = sphere_uniform(key, n, d, dtype)
     u = jnp.zeros((d,), X.dtype).at[0].set(1.0) if direction is None else jnp.asarray(direction, X.dtype)
     u = u / jnp.linalg.norm(u)
@@ -25,7 +25,7 @@ def hemisphere(key, n: int, d: int, direction=None, dtype=None) -> jax.Array:
 
 
 def gaussian_tokens(key, n: int, m, S, dtype=None) -> jax.Array:
-    """n tokens i.i.d. N(m, S) (S may be singular: sampled through a symmetric square root)."""
+    """Returns (n, d): n tokens i.i.d. $N(m, S)$, $x = m + S^{1/2} g$ (S may be singular: symmetric square root)."""
     dtype = default_float_dtype() if dtype is None else dtype
     m = jnp.asarray(m, dtype)
     S = jnp.asarray(S, dtype)

@@ -38,7 +38,7 @@ def regime_code(rank_one_distance, growth, blown_up, *, collapse_tol: float = 1e
 
 
 def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
-    """Regime code (0 collapse, 1 stable, 2 blow-up; names in `REGIMES`) of a finished run.
+    """Returns the regime code (int8: 0 collapse, 1 stable, 2 blow-up; names in `REGIMES`) of a finished run.
 
     Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states.
     """

@@ -52,12 +52,12 @@ def token_velocity(model, X: Tokens, *, impl: str = "auto", block_size: int = 10
 
 def particle_field(t, X: Tokens, model, *, impl: str = "auto", block_size: int = 1024, orders=None,
                    rtol: float | None = None) -> Tokens:
-    """The token ODE's right-hand side at depth t (picks the active layer)."""
+    """$F(t, X)$, the token ODE's right-hand side at depth t: `token_velocity(model.at(t), X)`; returns (n, d)."""
     return token_velocity(model.at(t), X, impl=impl, block_size=block_size, orders=orders, rtol=rtol)
 
 
 def gaussian_closure_error(model) -> str | None:
-    """Why the Gaussian moment ODE is not exact for `model` (None when it is)."""
+    """Why the Gaussian moment ODE is not exact for `model`. Returns None when it is, else the reasons (str)."""
     reasons = []
     if model.attention not in ("softmax", "none"):
         reasons.append(

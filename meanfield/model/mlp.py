@@ -22,7 +22,8 @@ ACTIVATION_FNS = {
 
 
 def mlp(model, X: Tokens) -> Tokens:
-    """MLP(x_i) for every row of X."""
+    r"""Row-wise MLP branch: $0$ (none), $W x_i + b$ (affine) or $W_2\,\sigma(W_1 x_i + b_1) + b_2$ (two_layer),
+    for X of shape (n, d); returns (n, d)."""
     if model.mlp == "none":
         return jnp.zeros_like(X)
     if model.mlp == "affine":

@@ -413,7 +413,8 @@ def run_experiment(
     quiet: bool = False,
     plots: bool = True,
 ) -> RunResult:
-    """Validate, plan, run (resuming), merge, plot. The library call behind `meanfield run`."""
+    """Validate, plan, run (resuming), merge, plot; returns a `RunResult` (dataset, run_dir, figures, seconds,
+    computed). The library call behind `meanfield run`."""
     import importlib.metadata
 
     t_start = time.perf_counter()
