@@ -102,6 +102,7 @@ def test_w1_against_brute_force(x64, key):
     assert float(w1_densities(rho_a, rho_a)) < 1e-12
 
 
+@pytest.mark.slow
 def test_sampling_and_kernel_density(x64, key):
     rho0 = von_mises_mixture([0.0, 2.5], [2.0, 4.0], [0.6, 0.4])
     n = 2000
@@ -141,6 +142,7 @@ def test_velocity_is_the_particle_velocity(x64, key, attention):
                                atol=1e-13)
 
 
+@pytest.mark.slow
 def test_velocity_monte_carlo(x64, key):
     """n i.i.d. tokens from rho: their particle velocity is the PDE velocity + O(n^-1/2) noise."""
     model = circle_model(QG, KG, VG, beta=1.5)
@@ -289,6 +291,7 @@ def test_underresolved_is_reported(x64):
         simulate_density(_rotinv_model(), rho0, 5.0, ts=ts, modes=32, max_modes=32, on_underresolved="raise")
 
 
+@pytest.mark.slow
 def test_piecewise_schedule(x64):
     """Model.piecewise: attraction then repulsion == two consecutive depth-constant solves."""
     ts = np.linspace(0.0, 2.0, 5)
