@@ -103,7 +103,7 @@ def render(out_dir, quick: bool = False):
     from matplotlib.colors import LogNorm
 
     if quick:
-        res = experiment(n=4096, t1=20.0, dt=0.4, save_times=[0.0, 5.0, 10.0, 20.0], n_check=1000,
+        res = experiment(n=4096, t1=20.0, dt=0.5, save_times=[0.0, 5.0, 10.0, 20.0], n_check=1000,
                          n_cluster=1000)
     else:
         res = experiment(n=1_000_000, t1=20.0, dt=0.4, save_times=[0.0, 5.0, 10.0, 20.0], n_check=1000,
