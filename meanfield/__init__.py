@@ -52,4 +52,10 @@ from .lyapunov import gaussian_lyapunov as gaussian_lyapunov  # noqa: E402
 from .lyapunov import lyapunov_spectrum as lyapunov_spectrum  # noqa: E402
 from .lyapunov import particle_lyapunov as particle_lyapunov  # noqa: E402
 
+from .model.fast_attention import LowRankInfo as LowRankInfo  # noqa: E402
+from .model.fast_attention import choose_orders as choose_orders  # noqa: E402
+from .model.fast_attention import lowrank_attention as lowrank_attention  # noqa: E402
+from .model.fast_attention import truncation_bound as truncation_bound  # noqa: E402
+
+__all__ += ["lowrank_attention", "choose_orders", "truncation_bound", "LowRankInfo"]
 __all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov"]

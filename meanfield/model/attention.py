@@ -36,7 +36,8 @@ def _project(model, X):
 
 
 def dense_attention(model, X: Tokens) -> Tokens:
-    """Attention output for all tokens by materialising the (n, n) logit matrix."""
+    r"""Returns (n, d): the attention output of every token with the (n, n) logit matrix materialised,
+    e.g. softmax $\sum_j \mathrm{softmax}_j(\beta\langle Q x_i, K x_j\rangle) V x_j$ (variants as in `attention`)."""
     n = X.shape[0]
     q, k, v = _project(model, X)
     logits = matmul(q, k.T)
@@ -63,7 +64,7 @@ def _centring(v, causal: bool):
 
 
 def blocked_attention(model, X: Tokens, *, block_size: int = 1024) -> Tokens:
-    """Attention output without the (n, n) matrix: online softmax over key blocks.
+    """Returns (n, d): the same output as `dense_attention` without the (n, n) matrix (online softmax over key blocks).
 
     Memory O(block_size^2 + n d); `n` need not be a multiple of `block_size` (the tail is
     padded with masked keys). Agrees with `dense_attention` to float rounding.
