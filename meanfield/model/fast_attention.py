@@ -165,7 +165,7 @@ def _prev_fraction(n, chunk, dtype):
 
 def truncation_bound(model, X: Tokens, orders, *, chunk: int = 256) -> jax.Array:
     r"""Returns the a priori error bound (max over queries) of `lowrank_attention` with `orders` on tokens X:
-    $\max_i 2\eta_i/(J_i - \eta_i)$ for softmax, $\eta_i = \prod_k(1 + \rho_{ik}) - 1$, $\rho = 2(\gamma/2)^N/N!$.
+    $\max_i 2\eta_i/(J_i - \eta_i)$ plus a rounding term $u(4 + 2r)/J_i$ for softmax, $\eta_i = \prod_k(1 + \rho_{ik}) - 1$, $\rho = 2(\gamma/2)^N/N!$.
 
     Relative to `max_j |V x_j|_inf` for softmax, to the output scale for unnormalised attention
     (see the module docstring). jit-compatible; `orders` may be traced here.
