@@ -36,3 +36,5 @@ register("density_convergence", "density_convergence", "Particles -> density PDE
 register("density_metastability", "density_metastability", "Density PDE peaks vs particle clusters over depth for beta = 1, 4, 9")
 register("million_tokens", "million_tokens", "10^6 tokens clustering on S^2 to t = 20 through the fast low-rank attention: density (Mollweide) at several depths")
 register("gaussian_tracking", "gaussian_tracking", "Gaussian tokens through a finite NNX transformer: distance to Gaussianity per layer, empirical vs moment-ODE covariance")
+register("reachability", "reachability", "Steering N(m0, S0) to N(m1, S1) with piecewise-constant controls: covariance ellipses over depth, BW distance vs L-BFGS iteration")
+register("covariance_regimes", "covariance_regimes", "tr S(t) for equilibrium, collapse and blow-up parameter sets with predicted blow-up times and equilibrium level")
