@@ -59,3 +59,19 @@ from .model.fast_attention import truncation_bound as truncation_bound  # noqa: 
 
 __all__ += ["lowrank_attention", "choose_orders", "truncation_bound", "LowRankInfo"]
 __all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov"]
+
+from . import checkpoints as checkpoints  # noqa: E402
+from . import control as control  # noqa: E402
+from . import criteria as criteria  # noqa: E402
+from . import density as density  # noqa: E402
+from . import nets as nets  # noqa: E402
+from .checkpoints import layer_matrices as layer_matrices  # noqa: E402
+from .control import SteerResult as SteerResult  # noqa: E402
+from .control import bures_wasserstein as bures_wasserstein  # noqa: E402
+from .control import steer as steer  # noqa: E402
+from .criteria import predict_regime as predict_regime  # noqa: E402
+from .density import DensitySolution as DensitySolution  # noqa: E402
+from .density import simulate_density as simulate_density  # noqa: E402
+
+__all__ += ["checkpoints", "control", "criteria", "density", "nets", "layer_matrices", "steer", "SteerResult",
+            "bures_wasserstein", "predict_regime", "simulate_density", "DensitySolution"]

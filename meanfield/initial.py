@@ -9,14 +9,14 @@ from .model.params import default_float_dtype
 
 
 def sphere_uniform(key, n: int, d: int, dtype=None) -> jax.Array:
-    """Returns (n, d): n tokens i.i.d. uniform on the unit sphere S^{d-1}, $x = g/|g|$ with $g \sim N(0, I_d)$."""
+    r"""Returns (n, d): n tokens i.i.d. uniform on the unit sphere S^{d-1}, $x = g/|g|$ with $g \sim N(0, I_d)$."""
     dtype = default_float_dtype() if dtype is None else dtype
     X = jax.random.normal(key, (n, d), dtype)
     return X / jnp.linalg.norm(X, axis=-1, keepdims=True)
 
 
 def hemisphere(key, n: int, d: int, direction=None, dtype=None) -> jax.Array:
-    """Returns (n, d): n tokens uniform on the open hemisphere $\{x : \langle x, u\rangle > 0\}$, u = `direction` (default e_1)."""
+    r"""Returns (n, d): n tokens uniform on the open hemisphere $\{x : \langle x, u\rangle > 0\}$, u = `direction` (default e_1)."""
     X = sphere_uniform(key, n, d, dtype)
     u = jnp.zeros((d,), X.dtype).at[0].set(1.0) if direction is None else jnp.asarray(direction, X.dtype)
     u = u / jnp.linalg.norm(u)
