@@ -44,6 +44,25 @@ class LyapunovResult(NamedTuple):
     finite: jax.Array
     y1: object
 
+    def _summary(self) -> list[tuple[str, str]]:
+        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+        from . import _display as D
+
+        return [("exponents", D.num(self.exponents)), ("drift", D.num(self.drift)),
+                ("intervals", str(self.running.shape[-2]) if getattr(self.running, "ndim", 0) >= 2 else "?"),
+                ("ts", D.span(self.ts)), ("finite", D.flag(self.finite))]
+
+    def __repr__(self) -> str:
+        from . import _display as D
+
+        return D.text("LyapunovResult", self._summary())
+
+    def _repr_html_(self) -> str:
+        from . import _display as D
+
+        return D.table("meanfield.LyapunovResult", self._summary(),
+                       "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
+
 
 def lyapunov_spectrum(
     field: Callable,

@@ -111,9 +111,28 @@ class DensitySolution:
         """Cumulative distribution of save `index` at angles `theta` in [0, 2 pi]."""
         return np.asarray(_grid.cdf(jnp.asarray(self.rho[index]), jnp.asarray(theta, self.rho.dtype)))
 
+    def _summary(self) -> list[tuple[str, str]]:
+        """(name, value) rows for `__repr__` / `_repr_html_` (host arrays; shapes and scalars only)."""
+        from .. import _display as D
+
+        rows = [("ts", D.span(self.ts)), ("rho", D.shape(self.rho)),
+                ("modes", str(sorted(set(np.asarray(self.modes).tolist())))),
+                ("t_end", D.num(self.t_end)), ("resolved", str(bool(self.resolved))),
+                ("refinements", str(len(self.refinements))), ("num_steps", str(int(self.num_steps)))]
+        if self.message:
+            rows.append(("message", self.message))
+        return rows
+
     def __repr__(self) -> str:
-        return (f"DensitySolution(ts=[{self.ts[0]:.4g}, {self.ts[-1]:.4g}] x {len(self.ts)}, "
-                f"N={sorted(set(self.modes.tolist()))}, t_end={self.t_end:.4g}, resolved={self.resolved})")
+        from .. import _display as D
+
+        return D.text("DensitySolution", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        return D.table("meanfield.DensitySolution", self._summary(),
+                       "d rho/dt + d(rho v[rho])/dtheta = 0 on the circle; peaks: sol.peaks()")
 
 
 def choose_modes(rho0: Callable, tail_tol: float, *, start: int = 16, max_modes: int = 4096, dtype=None) -> int:

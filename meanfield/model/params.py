@@ -369,16 +369,54 @@ class Model(eqx.Module):
             out = eqx.tree_at(lambda m, n=name: getattr(m, n), out, new)
         return out
 
+    # -- display ------------------------------------------------------------------------
+    def _summary(self) -> list[tuple[str, str]]:
+        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+        from .. import _display as D
+
+        rows = [("d", str(self.d))]
+        if self.attention == "none":
+            rows.append(("attention", "none"))
+        else:
+            kind = ("causal " if self.causal else "") + self.attention
+            if self.Q.shape[-2] != self.d:
+                kind += f", qk_dim={self.Q.shape[-2]}"
+            rows += [("attention", kind), ("beta", D.num(self.beta)), ("a_attn", D.num(self.a_attn))]
+        if self.mlp == "two_layer":
+            rows.append(("mlp", f"two_layer[{self.activation}, h={self.W1.shape[-2]}]"))
+        else:
+            rows.append(("mlp", self.mlp))
+        if self.mlp != "none":
+            rows.append(("a_mlp", D.num(self.a_mlp)))
+        rows.append(("norm", self.norm))
+        if self.layer_times is not None:
+            rows += [("layers", str(self.n_layers)), ("layer_times", D.num(self.layer_times))]
+        batch = self.beta.shape[: self.beta.ndim - (0 if self.layer_times is None else 1)]
+        if batch:
+            rows.append(("batch", str(tuple(batch))))
+        rows.append(("dtype", str(self.dtype)))
+        return rows
+
     def __repr__(self) -> str:
-        attn = "none" if self.attention == "none" else (
-            ("causal " if self.causal else "") + self.attention + f"(beta={_fmt(self.beta)})"
-        )
-        mlp = self.mlp if self.mlp != "two_layer" else f"two_layer[{self.activation}, h={self.W1.shape[-2]}]"
-        layers = "" if self.layer_times is None else f", layers={self.n_layers}"
-        return (
-            f"Model(d={self.d}, attention={attn}, a_attn={_fmt(self.a_attn)}, mlp={mlp}, "
-            f"a_mlp={_fmt(self.a_mlp)}, norm={self.norm}{layers}, dtype={self.dtype})"
-        )
+        from .. import _display as D
+
+        return D.text("Model", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        return D.table("meanfield.Model", self._summary(), _equation(self))
+
+
+def _equation(model: "Model") -> str:
+    """The model's token ODE in one line (plain text)."""
+    terms = []
+    if model.attention != "none":
+        terms.append("a_attn Attn(x_i; X)")
+    if model.mlp != "none":
+        terms.append("a_mlp MLP(x_i)")
+    rhs = " + ".join(terms) or "0"
+    return f"dx_i/dt = P_x({rhs}) on the sphere" if model.norm == "sphere" else f"dx_i/dt = {rhs}"
 
 
 def random_weights(key, d: int, *, hidden: int | None = None, qk_dim: int | None = None, dtype=None, bias: bool = False) -> dict:
@@ -400,13 +438,3 @@ def random_weights(key, d: int, *, hidden: int | None = None, qk_dim: int | None
         "W1": g(keys[3], (h, d), d), "b1": g(keys[4], (h,), d) if bias else None,
         "W2": g(keys[5], (d, h), h), "b2": g(keys[6], (d,), d) if bias else None,
     }
-
-
-def _fmt(x) -> str:
-    try:
-        arr = np.asarray(x)
-    except Exception:  # traced
-        return "traced"
-    if arr.ndim == 0:
-        return f"{float(arr):.4g}"
-    return f"array{arr.shape}"

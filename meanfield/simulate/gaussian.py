@@ -67,15 +67,30 @@ class GaussianSolution(eqx.Module):
     def __iter__(self):  # `ts, means, covs, blowup_time = simulate_gaussian(...)`
         return iter((self.ts, self.means, self.covs, self.blowup_time))
 
+    def _summary(self) -> list[tuple[str, str]]:
+        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+        from .. import _display as D
+
+        *batch, T, d = self.means.shape
+        rows = [("ts", D.span(self.ts)), ("d", str(d)), ("means", D.shape(self.means)),
+                ("covs", D.shape(self.covs))]
+        if batch:
+            rows.append(("batch", str(tuple(batch))))
+        bt = D.num(self.blowup_time)
+        rows += [("blowup_time", "none (inf)" if bt == "inf" else bt), ("t_end", D.num(self.t_end)),
+                 ("success", D.flag(self.success)), ("num_steps", D.num(self.num_steps))]
+        return rows
+
     def __repr__(self) -> str:
-        try:
-            bt = float(self.blowup_time)
-            span = f"[{float(self.ts[0]):.4g}, {float(self.ts[-1]):.4g}]"
-            ok = bool(self.success)
-        except Exception:
-            bt, span, ok = "traced", "traced", "traced"
-        d = self.means.shape[-1]
-        return f"GaussianSolution(ts={span} x {self.ts.shape[-1]}, d={d}, blowup_time={bt}, success={ok})"
+        from .. import _display as D
+
+        return D.text("GaussianSolution", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        return D.table("meanfield.GaussianSolution", self._summary(),
+                       "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
 
 
 def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:

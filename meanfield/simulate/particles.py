@@ -55,14 +55,32 @@ class ParticleSolution(eqx.Module):
         """State (or saved observables) at the last save time."""
         return jax.tree.map(lambda x: x[-1], self.xs)
 
+    def _summary(self) -> list[tuple[str, str]]:
+        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+        from .. import _display as D
+
+        if isinstance(self.xs, jax.Array) and self.xs.ndim >= 3:
+            *batch, T, n, d = self.xs.shape
+            rows = [("ts", D.span(self.ts)), ("xs", D.shape(self.xs)), ("n", str(n)), ("d", str(d))]
+            if batch:
+                rows.append(("batch", str(tuple(batch))))
+        else:  # observables saved by `save_fn`
+            shapes = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), self.xs)
+            rows = [("ts", D.span(self.ts)), ("xs", str(shapes))]
+        rows += [("success", D.flag(self.success)), ("blown_up", D.flag(self.blown_up)),
+                 ("t_end", D.num(self.t_end)), ("num_steps", D.num(self.num_steps))]
+        return rows
+
     def __repr__(self) -> str:
-        shapes = jax.tree.map(lambda x: tuple(x.shape), self.xs)
-        try:
-            ok = bool(self.success)
-            span = f"[{float(self.ts[0]):.4g}, {float(self.ts[-1]):.4g}]"
-        except Exception:
-            ok, span = "traced", "traced"
-        return f"ParticleSolution(ts={span} x {self.ts.shape[-1]}, xs={shapes}, success={ok})"
+        from .. import _display as D
+
+        return D.text("ParticleSolution", self._summary())
+
+    def _repr_html_(self) -> str:
+        from .. import _display as D
+
+        return D.table("meanfield.ParticleSolution", self._summary(),
+                       "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
 
 
 def simulate_particles(

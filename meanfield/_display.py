@@ -1,0 +1,121 @@
+"""Compact display of models and results (`__repr__`, and `_repr_html_` for notebooks).
+
+Pure Python on purpose: a summary reads shapes, dtypes and a few small arrays (at most
+`SMALL` elements, copied to the host with `np.asarray`), never runs a JAX operation (no
+compile, no indexing of device arrays) and never reads a large array's values. Tracers (inside
+`jax.jit` / `jax.vmap`) are shown as "traced".
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+#: Arrays with more elements than this are summarised by shape only.
+SMALL = 64
+
+
+def _is_traced(x) -> bool:
+    try:
+        from jax.core import Tracer
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, Tracer)
+
+
+def _host(x, limit: int = SMALL):
+    """A small array's values on the host, or None (None, traced, too large, not an array)."""
+    if x is None or _is_traced(x):
+        return None
+    size = getattr(x, "size", 1)
+    if size > limit:
+        return None
+    try:
+        return np.asarray(x)
+    except Exception:  # e.g. a deleted / donated buffer
+        return None
+
+
+def shape(x) -> str:
+    """`(101, 64, 3) float32`, or `None`."""
+    if x is None:
+        return "None"
+    shp = getattr(x, "shape", None)
+    if shp is None:
+        return type(x).__name__
+    dt = getattr(x, "dtype", None)
+    return f"{tuple(shp)} {dt}" if dt is not None else str(tuple(shp))
+
+
+def num(x, fmt: str = ".4g") -> str:
+    """A scalar as `4`; a small batch as `[1, 4]` (or `1 .. 9 (B,)` beyond 6 values); else its shape."""
+    if x is None:
+        return "None"
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, float, np.integer, np.floating)):
+        return format(float(x), fmt) if isinstance(x, (float, np.floating)) else str(int(x))
+    if _is_traced(x):
+        return "traced"
+    v = _host(x)
+    if v is None:
+        return f"array{tuple(getattr(x, 'shape', ()))}"
+    if v.dtype == bool:
+        return flag(v)
+    if v.ndim == 0:
+        return format(v.item(), fmt) if np.issubdtype(v.dtype, np.floating) else str(v.item())
+    flat = v.reshape(-1)
+    if flat.size <= 6:
+        return "[" + ", ".join(format(float(u), fmt) for u in flat) + "]"
+    finite = flat[np.isfinite(flat)] if np.issubdtype(flat.dtype, np.floating) else flat
+    if finite.size == 0:
+        return f"all non-finite {tuple(v.shape)}"
+    return f"{format(float(finite.min()), fmt)} .. {format(float(finite.max()), fmt)} {tuple(v.shape)}"
+
+
+def flag(x) -> str:
+    """A bool as `True`; a batch of them as `7/8 True`."""
+    if _is_traced(x):
+        return "traced"
+    v = _host(x)
+    if v is None:
+        return "None" if x is None else f"array{tuple(getattr(x, 'shape', ()))}"
+    v = np.asarray(v, bool)
+    if v.ndim == 0:
+        return str(bool(v))
+    return f"{int(v.sum())}/{v.size} True"
+
+
+def span(ts) -> str:
+    """`[0, 20] x 101` for save times (a batch of identical grids: the first one and the batch)."""
+    if ts is None:
+        return "None"
+    shp = tuple(getattr(ts, "shape", (len(ts),)))
+    if _is_traced(ts):
+        return f"traced x {shp[-1]}" if shp else "traced"
+    v = _host(ts, limit=1_000_000) if shp else None  # save times: a host copy, no JAX op
+    if v is None or v.size == 0:
+        return f"array{shp}"
+    first = v.reshape(-1, shp[-1])[0]
+    out = f"[{float(first[0]):.4g}, {float(first[-1]):.4g}] x {shp[-1]}"
+    return out if len(shp) == 1 else f"{out} (batch {shp[:-1]})"
+
+
+def text(name: str, rows: list[tuple[str, str]]) -> str:
+    """`Name(key=value, ...)`."""
+    return f"{name}(" + ", ".join(f"{k}={v}" for k, v in rows) + ")"
+
+
+def table(name: str, rows: list[tuple[str, str]], note: str = "") -> str:
+    """A two-column HTML table headed by `name` (values escaped)."""
+    cells = "".join(
+        f"<tr><td style='text-align:left;padding:0 1em 0 0'><b>{html.escape(k)}</b></td>"
+        f"<td style='text-align:left'><code>{html.escape(v)}</code></td></tr>"
+        for k, v in rows
+    )
+    foot = f"<div style='font-size:90%;opacity:.75'>{html.escape(note)}</div>" if note else ""
+    return (
+        f"<div class='meanfield-repr'><b>{html.escape(name)}</b>"
+        f"<table style='border-collapse:collapse;margin:0'>{cells}</table>{foot}</div>"
+    )
