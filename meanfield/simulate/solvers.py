@@ -76,8 +76,19 @@ def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None):
     )
 
 
+class AutoTqdmProgressMeter(diffrax.TqdmProgressMeter):
+    """diffrax's tqdm progress meter through `tqdm.auto`: a widget bar in notebooks, text in a terminal."""
+
+    @staticmethod
+    def _init_bar():
+        from tqdm.auto import tqdm
+
+        return tqdm(total=100, unit="%", bar_format="{percentage:.2f}%|{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+
+
 def progress_meter(progress: bool):
-    return diffrax.TqdmProgressMeter() if progress else diffrax.NoProgressMeter()
+    """`progress=True`: a depth progress bar (`tqdm.auto`); False: none."""
+    return AutoTqdmProgressMeter() if progress else diffrax.NoProgressMeter()
 
 
 def save_times(t0, t1, ts, n_save, dtype):
