@@ -100,6 +100,7 @@ def simulate_particles(
     block_size: int = 1024,
     attention_method: str = "auto",
     attention_rtol: float | None = None,
+    attention_orders: tuple[int, ...] | None = None,
     save_fn: Callable[[Tokens], Any] | None = None,
     dense: bool = False,
     progress: bool = False,
@@ -127,6 +128,10 @@ def simulate_particles(
             direct sum where it fails. Shaped attention is always direct.
         attention_rtol: error bound for the low-rank path, relative to max_j |V x_j| (softmax);
             default 1e-6 in float32, 1e-12 in float64.
+        attention_orders: static Chebyshev orders (one per coordinate, e.g. from
+            `mf.choose_orders` on representative tokens) for the low-rank path, skipping the
+            planning from `X0`: works under an outer jit (how the sweep engine uses it); the bound
+            is still rechecked at every evaluation, with the direct-sum fallback.
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
         dense: also keep dense output, available through `.evaluate(t)`.
         progress: show a tqdm progress bar over depth.
@@ -144,7 +149,15 @@ def simulate_particles(
         )
     if X0.shape[0] < 1:
         raise ValueError("simulate_particles: `X0` must hold at least one token; got n = 0.")
-    orders = plan_attention(model, X0, method=attention_method, rtol=attention_rtol)
+    if attention_orders is not None:
+        orders = tuple(int(o) for o in attention_orders)
+        if len(orders) != model.d or min(orders) < 1 or model.attention not in ("softmax", "unnormalised"):
+            raise ValueError(
+                f"simulate_particles: `attention_orders` must hold d = {model.d} positive integers and needs "
+                f"softmax or unnormalised attention; got {attention_orders} with {model.attention!r}."
+            )
+    else:
+        orders = plan_attention(model, X0, method=attention_method, rtol=attention_rtol)
     rtol_attn = None if orders is None else (
         default_rtol(model.dtype) if attention_rtol is None else float(attention_rtol))
     solver_obj, adaptive = make_solver(solver)

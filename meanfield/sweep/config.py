@@ -171,6 +171,10 @@ class SimulatorConfig(_Strict):
     atol: float | None = Field(None, gt=0)
     max_steps: int = Field(16_384, ge=1)
     attention_impl: Literal["auto", "dense", "blocked"] = "auto"
+    attention_method: Literal["direct", "lowrank"] = Field(
+        "direct", description="lowrank: separable Chebyshev attention for d <= 4 (orders planned per group; "
+                              "points then run one at a time, unvmapped, so the in-jit fallback stays a real branch)")
+    attention_rtol: float | None = Field(None, gt=0, lt=1, description="error bound of the lowrank path")
     blowup_threshold: float | None = Field(None, gt=1)
     lyapunov: LyapunovConfig | None = Field(None, description="also compute Lyapunov exponents (particles, gaussian)")
 
@@ -316,6 +320,15 @@ class ExperimentConfig(_Strict):
             return self
         if model is None:
             raise ValueError(f"model: required for the {sim.kind} simulator")
+        if sim.attention_method == "lowrank":
+            if sim.kind != "particles":
+                raise ValueError(f"simulator.attention_method: 'lowrank' is for particle simulations; got kind {sim.kind!r}")
+            if model.attention not in ("softmax", "unnormalised", "causal"):
+                raise ValueError("simulator.attention_method: 'lowrank' needs softmax or unnormalised attention; "
+                                 f"got model.attention = {model.attention!r}")
+            if sim.lyapunov is not None:
+                raise ValueError("simulator.attention_method: 'lowrank' cannot be combined with simulator.lyapunov "
+                                 "(the tangent solve uses the direct sum)")
         if sim.lyapunov is not None:
             if sim.kind == "particles":  # on the sphere: the product of spheres' dimension
                 dim = init.n * (model.d - 1 if model.norm == "sphere" else model.d)

@@ -135,8 +135,35 @@ def _lyapunov_values(res):
     return jnp.where(res.finite & jnp.all(jnp.isfinite(res.exponents)), res.exponents, jnp.nan)
 
 
-def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
-    """The per-point function `numbers -> outputs` for one group (unbatched; vmap it)."""
+def plan_group_orders(cfg: ExperimentConfig, group, file_tokens=None):
+    """Static Chebyshev orders of the low-rank attention for a whole group: the elementwise maximum of
+    `plan_attention(model, X0, method="lowrank")` over every point's concrete model and initial tokens
+    (all points, not only missing ones, so a resumed run compiles the same function). None (with the
+    planner's warning) when the a priori bound cannot meet `simulator.attention_rtol` at some point:
+    the group then runs the direct sum."""
+    from ..model.fast_attention import plan_attention
+
+    base = cfg.model_dump(mode="python", exclude={"sweep"})
+    dtype = _dtype(cfg)
+    orders = None
+    for i in range(len(group.indices)):
+        tree = copy.deepcopy(base)
+        for p in group.traced_paths:
+            set_path(tree, p, np.asarray(group.values[p])[i])
+        wkey, ikey = point_keys(tree["seed"])
+        model = build_model(tree["model"], wkey, dtype)
+        X0 = initial_tokens(tree["initial"], cfg.model.d, ikey, dtype, file_tokens)
+        o = plan_attention(model, X0, method="lowrank", rtol=cfg.simulator.attention_rtol)
+        if o is None:
+            return None
+        orders = o if orders is None else tuple(max(a, b) for a, b in zip(orders, o))
+    return orders
+
+
+def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, attention_orders=None):
+    """The per-point function `numbers -> outputs` for one group (unbatched; vmap it). With
+    `attention_orders` (from `plan_group_orders`) particles use the low-rank attention; do not vmap
+    that function (its fallback `lax.cond` would become a select that always runs the direct sum)."""
     if cfg.simulator.kind == "shaped_sde":
         return _shaped_point_function(cfg, traced_paths)
     base = cfg.model_dump(mode="python", exclude={"sweep"})
@@ -178,8 +205,10 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None):
                 out[n] = (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
             return out
 
+        fast = {} if attention_orders is None else dict(attention_orders=attention_orders,
+                                                         attention_rtol=s["attention_rtol"])
         sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"], save_fn=save_fn,
-                                 blowup_growth=100 * reg.growth_limit, **common)
+                                 blowup_growth=100 * reg.growth_limit, **fast, **common)
         o = sol.xs
         growth = o["rms_norm"] / o["rms_norm"][0]
         over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
@@ -357,9 +386,25 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
 def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc, bar, quiet, pause,
                chunk_counter, remaining, computed_before) -> int:
     """Run the missing points of one group in chunks of `size`; returns the number computed."""
-    fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
     todo = np.flatnonzero(~np.isin(group.indices, list(done)))
     n_dev = 1 if mesh is None else mesh.devices.size
+    orders = None
+    if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
+        orders = plan_group_orders(cfg, group, file_tokens)
+    if orders is None:
+        fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
+    else:
+        # One point at a time, unvmapped: each point is its own (crash-safe) chunk, and the in-jit
+        # fallback of the low-rank attention stays a real branch.
+        one = jax.jit(make_point_function(cfg, group.traced_paths, file_tokens, attention_orders=orders))
+
+        def fn(values):
+            outs = [one({p: v[i] for p, v in values.items()}) for i in range(len(values["__point__"]))]
+            return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        size = n_dev
+        _log(f"[{plan.config.name}] low-rank attention, Chebyshev orders {orders} "
+             f"({int(np.prod(orders))} features), one point per chunk", quiet)
     size = min(size, -(-len(todo) // n_dev) * n_dev)  # never pad a small group up to a big chunk
     computed = 0
     for k, start in enumerate(range(0, len(todo), size)):
