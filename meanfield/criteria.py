@@ -21,8 +21,9 @@ docs/criteria.md):
   $P_0 \succ P^*$, else blow-up (the threshold: with $\beta vM_s \succ 0$, $P^* \succ 0$ and small
   $S_0$ collapses, large $S_0$ blows up); mixed spectra: blow-up if P(t) turns singular within the
   scanned depth, otherwise unknown.
-- general V (sufficient conditions only): with $\kappa = \lambda_\min(\beta\operatorname{sym}(B\tilde V))
-  > 0$, $\frac{d}{dt}\log\det S = 2\operatorname{tr}M \ge 2\kappa\operatorname{tr}S + 2\operatorname{tr}
+- general V (sufficient conditions only): with
+  $\kappa = \lambda_\min(\beta\operatorname{sym}(B\tilde V)) > 0$,
+  $\frac{d}{dt}\log\det S = 2\operatorname{tr}M \ge 2\kappa\operatorname{tr}S + 2\operatorname{tr}
   \tilde W \ge 2\kappa d\det S^{1/d} + 2\operatorname{tr}\tilde W$, so $D = \det S^{1/d}$ is a
   supersolution of the scalar Riccati with $(c, w) = (\kappa, \operatorname{tr}\tilde W/d)$: blow-up
   no later than that scalar's $t^*$ (an upper bound, reported as `blowup_time_upper`).

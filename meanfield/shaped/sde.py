@@ -7,7 +7,9 @@ $G = VPVPV$, $\rho_{ab} = V_{ab}/\sqrt{V_{aa}V_{bb}}$:
 
 $$ b(V) = \frac{\gamma_a^2}{\tau_0^2}\Big[\frac{\operatorname{tr}(\tilde VV)}{m^2}V
    + \frac{d(Vu)^\top + (Vu)d^\top}{2m}\Big] + \gamma_f^2\,\nu(\rho)\odot\sqrt{dd^\top}, $$
+
 $$ \nu(\rho) = \frac{(c_+-c_-)^2}{2\pi}\big(\sqrt{1-\rho^2} - \rho\arccos\rho\big), $$
+
 $$ \frac{d\langle M_{ab}, M_{cd}\rangle}{dt} = a_\text{lin}(V_{ac}V_{bd} + V_{ad}V_{bc})
    + a_G(V_{ac}G_{bd} + V_{ad}G_{bc} + V_{bc}G_{ad} + V_{bd}G_{ac}), $$
 

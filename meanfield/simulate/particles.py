@@ -134,7 +134,7 @@ def simulate_particles(
             is still rechecked at every evaluation, with the direct-sum fallback.
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
         dense: also keep dense output, available through `.evaluate(t)`.
-        progress: show a tqdm progress bar over depth.
+        progress: show a progress bar over depth (`tqdm.auto`: a widget in notebooks).
         blowup_growth: stop (a diffrax event) once the RMS token norm exceeds this multiple of
             its initial value; None never stops. Without it an exploding run spends `max_steps`
             on overflowing values, and in a vmapped batch every lane waits for it.
