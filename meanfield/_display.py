@@ -102,6 +102,15 @@ def span(ts) -> str:
     return out if len(shp) == 1 else f"{out} (batch {shp[:-1]})"
 
 
+def summary(obj):
+    """`obj._summary()`, or None when the object is not a plain result (e.g. a model after
+    `eqx.partition` or `jax.tree.map`, whose leaves are None or shapes): display must never raise."""
+    try:
+        return obj._summary()
+    except Exception:
+        return None
+
+
 def text(name: str, rows: list[tuple[str, str]]) -> str:
     """`Name(key=value, ...)`."""
     return f"{name}(" + ", ".join(f"{k}={v}" for k, v in rows) + ")"

@@ -55,13 +55,15 @@ class LyapunovResult(NamedTuple):
     def __repr__(self) -> str:
         from . import _display as D
 
-        return D.text("LyapunovResult", self._summary())
+        rows = D.summary(self)
+        return tuple.__repr__(self) if rows is None else D.text("LyapunovResult", rows)
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         from . import _display as D
 
-        return D.table("meanfield.LyapunovResult", self._summary(),
-                       "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
+        rows = D.summary(self)
+        return None if rows is None else D.table(
+            "meanfield.LyapunovResult", rows, "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
 
 
 def lyapunov_spectrum(

@@ -145,3 +145,14 @@ def test_progress_bar_is_tqdm_auto(sphere_run):
     model, _ = sphere_run
     X0 = mf.sphere_uniform(jax.random.key(3), n=8, d=3)
     assert bool(mf.simulate_particles(model, X0, t1=0.5, n_save=3, progress=True).success)
+
+
+def test_display_never_raises_on_non_result_pytrees(sphere_run):
+    import equinox as eqx
+
+    model, sol = sphere_run
+    _, static = eqx.partition(model, eqx.is_array)  # every array leaf None: no summary possible
+    assert repr(static).startswith("Model(") and "Q=None" in repr(static)  # equinox's own tree printout
+    assert static._repr_html_() is None  # IPython falls back to the text
+    shapes = jax.tree.map(lambda x: getattr(x, "shape", x), sol)
+    assert repr(shapes).startswith("ParticleSolution(")

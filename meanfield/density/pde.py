@@ -126,13 +126,16 @@ class DensitySolution:
     def __repr__(self) -> str:
         from .. import _display as D
 
-        return D.text("DensitySolution", self._summary())
+        rows = D.summary(self)
+        return f"DensitySolution(t_end={self.t_end!r}, resolved={self.resolved!r})" if rows is None else D.text(
+            "DensitySolution", rows)
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         from .. import _display as D
 
-        return D.table("meanfield.DensitySolution", self._summary(),
-                       "d rho/dt + d(rho v[rho])/dtheta = 0 on the circle; peaks: sol.peaks()")
+        rows = D.summary(self)
+        return None if rows is None else D.table(
+            "meanfield.DensitySolution", rows, "d rho/dt + d(rho v[rho])/dtheta = 0 on the circle; peaks: sol.peaks()")
 
 
 def choose_modes(rho0: Callable, tail_tol: float, *, start: int = 16, max_modes: int = 4096, dtype=None) -> int:

@@ -400,12 +400,14 @@ class Model(eqx.Module):
     def __repr__(self) -> str:
         from .. import _display as D
 
-        return D.text("Model", self._summary())
+        rows = D.summary(self)
+        return eqx.Module.__repr__(self) if rows is None else D.text("Model", rows)
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         from .. import _display as D
 
-        return D.table("meanfield.Model", self._summary(), _equation(self))
+        rows = D.summary(self)
+        return None if rows is None else D.table("meanfield.Model", rows, _equation(self))
 
 
 def _equation(model: "Model") -> str:

@@ -84,13 +84,16 @@ class GaussianSolution(eqx.Module):
     def __repr__(self) -> str:
         from .. import _display as D
 
-        return D.text("GaussianSolution", self._summary())
+        rows = D.summary(self)
+        return eqx.Module.__repr__(self) if rows is None else D.text("GaussianSolution", rows)
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         from .. import _display as D
 
-        return D.table("meanfield.GaussianSolution", self._summary(),
-                       "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
+        rows = D.summary(self)
+        return None if rows is None else D.table(
+            "meanfield.GaussianSolution", rows,
+            "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
 
 
 def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:

@@ -74,13 +74,15 @@ class ParticleSolution(eqx.Module):
     def __repr__(self) -> str:
         from .. import _display as D
 
-        return D.text("ParticleSolution", self._summary())
+        rows = D.summary(self)
+        return eqx.Module.__repr__(self) if rows is None else D.text("ParticleSolution", rows)
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self) -> str | None:
         from .. import _display as D
 
-        return D.table("meanfield.ParticleSolution", self._summary(),
-                       "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
+        rows = D.summary(self)
+        return None if rows is None else D.table(
+            "meanfield.ParticleSolution", rows, "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
 
 
 def simulate_particles(
