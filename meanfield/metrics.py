@@ -71,7 +71,7 @@ def mean_cosine(X: Tokens) -> jax.Array:
     U = X / jnp.maximum(norms, jnp.finfo(X.dtype).tiny)
     total = jnp.sum(jnp.sum(U, axis=0) ** 2)
     diag = jnp.sum(U * U)
-    return (total - diag) / max(n * (n - 1), 1)
+    return (total - diag) / float(max(n * (n - 1), 1))  # a Python int overflows int32 past n ~ 46341
 
 
 def _pairwise_sq_dists(A, B):

@@ -92,3 +92,9 @@ def test_classify_rejects_observable_runs(key):
     sol = mf.simulate_particles(model, jnp.ones((3, 2)), 1.0, n_save=2, save_fn=metrics.rms_norm)
     with pytest.raises(ValueError, match="observables"):
         mf.classify(sol)
+
+
+def test_mean_cosine_beyond_int32_pair_counts():
+    """n (n - 1) > 2^31 (n = 50,000): the pair count must not overflow (it did as a Python int)."""
+    X = jnp.tile(jnp.asarray([[0.6, 0.8]], jnp.float32), (50_000, 1))
+    assert abs(float(mf.metrics.mean_cosine(X)) - 1.0) < 1e-3
