@@ -157,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import matplotlib
+
     from .sweep.plan import ConfigError
+
+    matplotlib.use("Agg")  # the command line only draws to files; the library leaves the backend alone
 
     args = build_parser().parse_args(argv)
     try:

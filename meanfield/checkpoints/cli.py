@@ -120,9 +120,6 @@ def write_csv(ds, path) -> None:
 
 
 def plot(ds, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))

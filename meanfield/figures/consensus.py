@@ -14,7 +14,7 @@ Key check: the fitted full-attention rate, expected -1 (tolerance 0.02); the cau
 -1/2) is printed and stored too. Measured (full size, float64): full -1.0000 at beta 1 and 4; causal
 beta 1 -0.487 — the next causal mode decays at 2/3, so the fit over t in [29, 52] still carries an
 $e^{-t/6}$ correction. Causal beta 4 stays in a metastable multi-cluster state through depth 60 (each
-cluster attends mostly to itself; the leader's pull is weighted by $e^{eta(\langle x_1, x_iangle - 1)}$).
+cluster attends mostly to itself; the leader's pull is weighted by $e^{\beta(\langle x_1, x_i\rangle - 1)}$).
 """
 
 from __future__ import annotations
@@ -64,9 +64,6 @@ def run(quick: bool = False):
 
 
 def render(out_dir, quick: bool = False) -> FigureResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t0 = time.time()

@@ -27,9 +27,6 @@ CASES = {
 
 
 def render(out_dir, quick: bool = False) -> FigureResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..criteria import predict_regime

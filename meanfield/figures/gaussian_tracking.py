@@ -62,9 +62,6 @@ def run(quick: bool = False) -> dict:
 
 
 def render(out_dir, quick: bool = False) -> FigureResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Ellipse
 

@@ -266,9 +266,6 @@ def decoder_scores(dec: dict) -> dict:
 
 
 def render(out_dir, quick: bool = False) -> FigureResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)

@@ -27,9 +27,6 @@ def _ellipse(ax, m, S, **kw):
 
 
 def render(out_dir, quick: bool = False) -> FigureResult:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from ..control import steer

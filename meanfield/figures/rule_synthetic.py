@@ -34,9 +34,6 @@ def _nearest(rhos, target):
 
 def render(out_dir, quick: bool = False) -> FigureResult:
     """Run the sweep, draw the two panels, print the key numbers; write rule_synthetic[_quick].png/.pdf/.json."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg = SETTINGS["quick" if quick else "full"]

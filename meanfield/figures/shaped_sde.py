@@ -27,10 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 import numpy as np  # noqa: E402
 
 from meanfield.shaped import ks_distance, offdiag_correlations, shaped_network_kernels, simulate_shaped_sde  # noqa: E402
