@@ -32,34 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import meanfield as mf  # noqa: E402
+from meanfield.model.attention import attention_rows  # noqa: E402
 from meanfield.model.fast_attention import choose_orders, lowrank_attention  # noqa: E402
-
-
-def direct_rows(model, Xq, X, block=4096):
-    """Softmax attention of queries Xq against all keys X by the online-softmax recurrence."""
-    q = Xq @ model.Q.T * model.beta
-    k = X @ model.K.T
-    v = X @ model.V.T
-    n = X.shape[0]
-    nb = -(-n // block)
-    pad = nb * block - n
-    kb = jnp.pad(k, ((0, pad), (0, 0))).reshape(nb, block, -1)
-    vb = jnp.pad(v, ((0, pad), (0, 0))).reshape(nb, block, -1)
-    valid = (jnp.arange(nb * block) < n).reshape(nb, block)
-
-    def step(carry, kv):
-        m, s, acc = carry
-        k_blk, v_blk, ok = kv
-        logits = jnp.where(ok[None, :], q @ k_blk.T, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        scale = jnp.exp(m - m_new)
-        p = jnp.exp(logits - m_new[:, None])
-        return (m_new, s * scale + p.sum(-1), acc * scale[:, None] + p @ v_blk), None
-
-    mq = Xq.shape[0]
-    init = (jnp.full((mq,), -jnp.inf), jnp.zeros((mq,)), jnp.zeros((mq, v.shape[1])))
-    (m, s, acc), _ = jax.lax.scan(step, init, (kb, vb, valid))
-    return acc / s[:, None]
 
 
 def timed(fn, *args):
@@ -102,7 +76,7 @@ def main():
                 continue
             fast = jax.jit(lambda X, model=model, orders=orders: lowrank_attention(
                 model, X, orders=orders, rtol=rtol, return_info=True))
-            direct = jax.jit(lambda Xq, X, model=model: direct_rows(model, Xq, X))
+            direct = jax.jit(lambda Xq, X, model=model: attention_rows(model, Xq, X, block_size=4096))
             out, info = fast(X)
             ref = direct(Xq, X)
             vinf = float(jnp.max(jnp.abs(X @ model.V.T)))

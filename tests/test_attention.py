@@ -74,3 +74,16 @@ def test_sphere_projection_is_tangent(key):
 def test_bad_impl(key):
     with pytest.raises(ValueError, match="impl"):
         mf.attention(mf.Model.random(key, 2), jnp.ones((3, 2)), impl="flash")
+
+
+@pytest.mark.parametrize("attention", ["softmax", "unnormalised"])
+def test_attention_rows_is_a_subset_of_dense(key, attention):
+    """Queries = the first 37 tokens: the same rows as the full dense attention; causal is refused."""
+    k1, k2 = jax.random.split(key)
+    model = mf.Model.random(k1, 4, attention=attention, beta=2.0)
+    X = jax.random.normal(k2, (300, 4))
+    dense = mf.dense_attention(model, X)
+    rows = mf.model.attention.attention_rows(model, X[:37], X, block_size=64)
+    np.testing.assert_allclose(rows, dense[:37], rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(dense))))
+    with pytest.raises(ValueError, match="non-causal"):
+        mf.model.attention.attention_rows(mf.Model.random(k1, 4, causal=True), X[:3], X)

@@ -21,39 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..model.attention import attention_rows
 from .style import save_figure
 
 NAME = "million_tokens"
 BETA = 1.0
 RTOL = 1e-4
 DTYPE = jnp.float32
-
-
-def _direct_rows(model, Xq, X, block=8192):
-    """Exact softmax attention of queries Xq against all keys X (online softmax over key blocks)."""
-    q = Xq @ model.Q.T * model.beta
-    k = X @ model.K.T
-    v = X @ model.V.T
-    n = X.shape[0]
-    nb = -(-n // block)
-    pad = nb * block - n
-    kb = jnp.pad(k, ((0, pad), (0, 0))).reshape(nb, block, -1)
-    vb = jnp.pad(v, ((0, pad), (0, 0))).reshape(nb, block, -1)
-    ok = (jnp.arange(nb * block) < n).reshape(nb, block)
-
-    def step(carry, kv):
-        m, s, acc = carry
-        k_blk, v_blk, valid = kv
-        logits = jnp.where(valid[None, :], q @ k_blk.T, -jnp.inf)
-        m_new = jnp.maximum(m, logits.max(-1))
-        scale = jnp.exp(m - m_new)
-        p = jnp.exp(logits - m_new[:, None])
-        return (m_new, s * scale + p.sum(-1), acc * scale[:, None] + p @ v_blk), None
-
-    mq = Xq.shape[0]
-    init = (jnp.full((mq,), -jnp.inf, X.dtype), jnp.zeros((mq,), X.dtype), jnp.zeros((mq, v.shape[1]), X.dtype))
-    (m, s, acc), _ = jax.lax.scan(step, init, (kb, vb, ok))
-    return acc / s[:, None]
 
 
 def _histogram(X, n_lon=72, n_lat=36):
@@ -80,7 +54,7 @@ def experiment(*, n: int, t1: float, dt: float, save_times, n_check: int, n_clus
     # Key check: fast vs direct attention at the initial state, on a query subsample.
     orders = choose_orders(model, X0, rtol=RTOL)
     fast, info = jax.jit(lambda X: lowrank_attention(model, X, orders=orders, rtol=RTOL, return_info=True))(X0)
-    ref = jax.jit(lambda Xq, X: _direct_rows(model, Xq, X))(X0[:n_check], X0)
+    ref = jax.jit(lambda Xq, X: attention_rows(model, Xq, X, block_size=8192))(X0[:n_check], X0)
     check = float(jnp.max(jnp.abs(fast[:n_check] - ref))) / float(jnp.max(jnp.abs(X0)))
 
     t0 = time.perf_counter()

@@ -114,6 +114,44 @@ def blocked_attention(model, X: Tokens, *, block_size: int = 1024) -> Tokens:
     return out
 
 
+def attention_rows(model, Xq: Tokens, X: Tokens, *, block_size: int = 4096) -> Tokens:
+    r"""Returns (m, d): non-causal softmax (or unnormalised) attention of m query tokens `Xq`
+    against all n tokens `X`, $\sum_j \mathrm{softmax}_j(eta\langle Q x^q_i, K x_jangle) V x_j$,
+    by the online softmax over key blocks (O(m n) time, O((m + n) d) memory).
+
+    The exact reference for checking a fast evaluator on a query subsample when the full n x n sum
+    is too slow (`meanfield figures million_tokens`, `benchmarks/bench_fast_attention.py`).
+    """
+    if model.causal or model.attention not in ("softmax", "unnormalised"):
+        raise ValueError("attention_rows: non-causal softmax or unnormalised attention only; "
+                         f"got attention={model.attention!r}, causal={model.causal}.")
+    q = matmul(Xq, model.Q.T) * model.beta
+    _, k, v = _project(model, X)
+    n = X.shape[0]
+    b = int(min(block_size, n))
+    nb = -(-n // b)
+    pad = nb * b - n
+    kb = jnp.pad(k, ((0, pad), (0, 0))).reshape(nb, b, -1)
+    vb = jnp.pad(v, ((0, pad), (0, 0))).reshape(nb, b, -1)
+    ok = (jnp.arange(nb * b) < n).reshape(nb, b)
+
+    def step(carry, kv):
+        m, s, acc = carry
+        k_blk, v_blk, valid = kv
+        logits = jnp.where(valid[None, :], q @ k_blk.T, -jnp.inf)
+        m_new = jnp.maximum(m, logits.max(-1))
+        scale = jnp.exp(m - m_new)
+        p = jnp.exp(logits - m_new[:, None])
+        return (m_new, s * scale + p.sum(-1), acc * scale[:, None] + p @ v_blk), None
+
+    mq, dt = Xq.shape[0], X.dtype
+    init = (jnp.full((mq,), -jnp.inf, dt), jnp.zeros((mq,), dt), jnp.zeros((mq, v.shape[1]), dt))
+    (m, s, acc), _ = jax.lax.scan(step, init, (kb, vb, ok))
+    if model.attention == "unnormalised":
+        return acc * jnp.exp(m)[:, None] / n
+    return acc / s[:, None]
+
+
 def attention(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024, orders=None,
               rtol: float | None = None) -> Tokens:
     """`Attn(x_i; X)` for every token of X (n, d) with the model's attention type.
