@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..metrics import PARTICLE_OBSERVABLES
 from ..model.params import ACTIVATIONS, ATTENTIONS, _ALIASES
@@ -144,28 +144,30 @@ class ShapedConfig(_Strict):
     explode_threshold: float = Field(1e4, gt=0)
 
 
+def _solver_name(v: str) -> str:
+    if v.lower() not in SOLVERS:
+        raise ValueError(f"must be one of {list(SOLVERS)}; got {v!r}")
+    return v.lower()
+
+
+SolverName = Annotated[str, AfterValidator(_solver_name)]
+
+
 class LyapunovConfig(_Strict):
     """Leading Lyapunov exponents over [discard, t1] (QR method, `meanfield.lyapunov`), stored per point."""
 
     k: int = Field(3, ge=1, le=64, description="number of exponents")
     interval: float = Field(0.5, gt=0, description="re-orthonormalisation interval (depth)")
     discard: float = Field(0.0, ge=0, description="initial depth left out of the average")
-    solver: str = Field("rk4", description="solver of the tangent system (fixed-step rk4 is lockstep-friendly)")
+    solver: SolverName = Field("rk4", description="solver of the tangent system (fixed-step rk4 is lockstep-friendly)")
     dt0: float = Field(0.05, gt=0, description="step of a fixed-step tangent solver")
-
-    @field_validator("solver")
-    @classmethod
-    def _solver(cls, v: str) -> str:
-        if v.lower() not in SOLVERS:
-            raise ValueError(f"must be one of {list(SOLVERS)}; got {v!r}")
-        return v.lower()
 
 
 class SimulatorConfig(_Strict):
     kind: Literal["particles", "gaussian", "shaped_sde"] = "particles"
     t1: float = Field(10.0, gt=0, description="final depth")
     n_save: int = Field(51, ge=2, le=100_000)
-    solver: str = "tsit5"
+    solver: SolverName = "tsit5"
     dt0: float | None = Field(None, gt=0)
     rtol: float | None = Field(None, gt=0)
     atol: float | None = Field(None, gt=0)
@@ -177,13 +179,6 @@ class SimulatorConfig(_Strict):
     attention_rtol: float | None = Field(None, gt=0, lt=1, description="error bound of the lowrank path")
     blowup_threshold: float | None = Field(None, gt=1)
     lyapunov: LyapunovConfig | None = Field(None, description="also compute Lyapunov exponents (particles, gaussian)")
-
-    @field_validator("solver")
-    @classmethod
-    def _solver(cls, v: str) -> str:
-        if v.lower() not in SOLVERS:
-            raise ValueError(f"must be one of {list(SOLVERS)}; got {v!r}")
-        return v.lower()
 
     @model_validator(mode="after")
     def _fixed_step(self):
