@@ -6,7 +6,8 @@ fixed-step RK4. Each field evaluation uses `lowrank_attention` (separable Chebys
 O(n F) instead of O(n^2)) with orders chosen by `simulate_particles(attention_method="lowrank")` for
 the a priori bound `RTOL`; the direct sum would take hours per evaluation at this n on 2 cores.
 Panels: token density on the sphere (Mollweide projection of a lat/lon histogram, per unit solid
-angle, log scale) at several depths, and the cluster count of a token subsample.
+angle, log scale) at several depths, titled with the order parameter |mean token| (0 uniform, 1
+consensus) and, once there are few, the cluster count of a token subsample.
 
 Key value: max over a subsample of queries of |fast - direct| / max_j |V x_j| for the field at the
 initial state (direct: the exact sum over all n keys), expected 0 with tolerance the a priori bound
@@ -15,6 +16,7 @@ the evaluator reports (the bound is rigorous up to the rounding estimate it cont
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -65,9 +67,10 @@ def experiment(*, n: int, t1: float, dt: float, save_times, n_check: int, n_clus
     sub = np.random.default_rng(0).choice(n, size=min(n_cluster, n), replace=False)
     clusters = [int(cluster_count(jnp.asarray(x[sub]), 0.05)) for x in xs]
     hists = [_histogram(x) for x in xs]
+    order = [float(np.linalg.norm(np.mean(x.astype(np.float64), axis=0))) for x in xs]  # |mean token|: 0 uniform, 1 consensus
     return dict(n=n, t1=t1, dt=dt, steps=int(round(t1 / dt)), orders=list(orders), features=int(info.features),
                 bound=float(info.bound), bound_post=float(info.bound_post), fallback=bool(info.fallback),
-                check=check, n_check=n_check, seconds=seconds, ts=np.asarray(save_times), clusters=clusters,
+                check=check, n_check=n_check, seconds=seconds, ts=np.asarray(save_times), clusters=clusters, order=order,
                 lon_edges=hists[0][0], lat_edges=hists[0][1], density=[h[2] for h in hists],
                 norm_drift=float(np.max(np.abs(np.linalg.norm(xs[-1], axis=-1) - 1.0))))
 
@@ -80,26 +83,30 @@ def render(out_dir, quick: bool = False):
         res = experiment(n=4096, t1=20.0, dt=0.5, save_times=[0.0, 5.0, 10.0, 20.0], n_check=1000,
                          n_cluster=1000)
     else:
-        res = experiment(n=1_000_000, t1=20.0, dt=0.4, save_times=[0.0, 5.0, 10.0, 20.0], n_check=1000,
-                         n_cluster=2000)
+        res = experiment(n=1_000_000, t1=20.0, dt=0.4, save_times=[0.0, 8.0, 11.2, 13.2, 15.2, 20.0],
+                         n_check=1000, n_cluster=2000)
     print(f"{NAME}: n={res['n']}, orders={res['orders']} (F={res['features']}), bound={res['bound']:.2e}, "
           f"check={res['check']:.2e}, run {res['seconds']:.1f}s for {res['steps']} RK4 steps, "
           f"clusters={res['clusters']}")
     ts = res["ts"]
-    fig = plt.figure(figsize=(4.2 * len(ts), 3.4))
+    cols = min(len(ts), 3)
+    rows = -(-len(ts) // cols)
+    fig = plt.figure(figsize=(4.4 * cols, 2.4 * rows + 0.9))
     le, ae = res["lon_edges"], res["lat_edges"]
     vmax = max(float(np.max(h)) for h in res["density"])
     norm = LogNorm(vmin=1e-3, vmax=max(vmax, 1.0))
     for j, (t, H) in enumerate(zip(ts, res["density"])):
-        ax = fig.add_subplot(1, len(ts), j + 1, projection="mollweide")
+        ax = fig.add_subplot(rows, cols, j + 1, projection="mollweide")
         mesh = ax.pcolormesh(le, ae, np.maximum(H.T, 1e-3), norm=norm, cmap="magma", shading="flat")
         ax.set_xticklabels([])
         ax.set_yticklabels([])
-        ax.set_title(f"t = {t:g}: {res['clusters'][j]} clusters", fontsize=10)
+        c = res["clusters"][j]
+        clusters = f", {c} cluster{'s' if c > 1 else ''}" if c <= 20 else ""
+        ax.set_title(f"t = {t:g}: |mean x| = {res['order'][j]:.3f}{clusters}", fontsize=10)
     fig.colorbar(mesh, ax=fig.axes, shrink=0.7, label="tokens per steradian / n  (uniform: 0.08)")
     fig.suptitle(f"{res['n']:,} tokens on S$^2$, softmax Q = K = V = I, beta = {BETA:g}: low-rank attention "
-                 f"F = {res['features']}, bound {res['bound']:.1e}; RK4 dt = {res['dt']:g}, "
-                 f"{res['seconds']:.0f} s", fontsize=10)
+                 f"F = {res['features']}, bound {res['bound']:.1e}\nRK4 dt = {res['dt']:g}, {res['steps']} steps in "
+                 f"{res['seconds']:.0f} s on {os.cpu_count()} CPU cores", fontsize=10)
     data = {k: v for k, v in res.items()}
     name = NAME + ("_quick" if quick else "")
     return save_figure(fig, out_dir, name, data, key="max |fast - direct| / max|Vx| at t = 0 (query subsample)",
