@@ -47,3 +47,13 @@ def test_importing_the_library_leaves_the_matplotlib_backend_alone():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_sources_hold_no_control_characters():
+    """A non-raw docstring turns `\\beta` into a backspace and `\\rangle` into a carriage return (seen twice)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = [str(p.relative_to(root)) for d in ("meanfield", "benchmarks", "tests") for p in (root / d).rglob("*.py")
+           if any(c in p.read_bytes() for c in (b"\x08", b"\r", b"\x0b", b"\x0c", b"\x07"))]
+    assert not bad, f"control characters in {bad}"

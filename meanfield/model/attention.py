@@ -116,7 +116,7 @@ def blocked_attention(model, X: Tokens, *, block_size: int = 1024) -> Tokens:
 
 def attention_rows(model, Xq: Tokens, X: Tokens, *, block_size: int = 4096) -> Tokens:
     r"""Returns (m, d): non-causal softmax (or unnormalised) attention of m query tokens `Xq`
-    against all n tokens `X`, $\sum_j \mathrm{softmax}_j(eta\langle Q x^q_i, K x_jangle) V x_j$,
+    against all n tokens `X`, $\sum_j \mathrm{softmax}_j(\beta\langle Q x^q_i, K x_j\rangle) V x_j$,
     by the online softmax over key blocks (O(m n) time, O((m + n) d) memory).
 
     The exact reference for checking a fast evaluator on a query subsample when the full n x n sum
