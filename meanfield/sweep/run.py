@@ -135,6 +135,16 @@ def _lyapunov_values(res):
     return jnp.where(res.finite & jnp.all(jnp.isfinite(res.exponents)), res.exponents, jnp.nan)
 
 
+def _point_model(base: dict, traced_paths, values, dtype):
+    """One point's resolved config tree, its `Model` and its initial-condition key: the base config
+    with the point's numbers (traced or concrete) set, weights from key(seed) folded with 0."""
+    tree = copy.deepcopy(base)
+    for p in traced_paths:
+        set_path(tree, p, values[p])
+    wkey, ikey = point_keys(tree["seed"])
+    return tree, build_model(tree["model"], wkey, dtype), ikey
+
+
 def plan_group_orders(cfg: ExperimentConfig, group, file_tokens=None):
     """Static Chebyshev orders of the low-rank attention for a whole group: the elementwise maximum of
     `plan_attention(model, X0, method="lowrank")` over every point's concrete model and initial tokens
@@ -147,11 +157,8 @@ def plan_group_orders(cfg: ExperimentConfig, group, file_tokens=None):
     dtype = _dtype(cfg)
     orders = None
     for i in range(len(group.indices)):
-        tree = copy.deepcopy(base)
-        for p in group.traced_paths:
-            set_path(tree, p, np.asarray(group.values[p])[i])
-        wkey, ikey = point_keys(tree["seed"])
-        model = build_model(tree["model"], wkey, dtype)
+        values = {p: np.asarray(group.values[p])[i] for p in group.traced_paths}
+        tree, model, ikey = _point_model(base, group.traced_paths, values, dtype)
         X0 = initial_tokens(tree["initial"], cfg.model.d, ikey, dtype, file_tokens)
         o = plan_attention(model, X0, method="lowrank", rtol=cfg.simulator.attention_rtol)
         if o is None:
@@ -174,12 +181,8 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, a
     d = cfg.model.d
 
     def point(values):
-        tree = copy.deepcopy(base)
-        for p in traced_paths:
-            set_path(tree, p, values[p])
+        tree, model, ikey = _point_model(base, traced_paths, values, dtype)
         s = tree["simulator"]
-        wkey, ikey = point_keys(tree["seed"])
-        model = build_model(tree["model"], wkey, dtype)
         common = dict(
             n_save=s["n_save"], solver=s["solver"], dt0=s["dt0"], rtol=s["rtol"], atol=s["atol"],
             max_steps=s["max_steps"],
