@@ -245,6 +245,16 @@ class Model(eqx.Module):
         return self.beta.dtype
 
     @property
+    def batch_size(self) -> int | None:
+        """B of a stacked batch of models (array leaves with a leading axis B), None for one model."""
+        extra = self.beta.ndim - (0 if self.layer_times is None else 1)
+        if extra == 0:
+            return None
+        if extra == 1:
+            return int(self.beta.shape[0])
+        raise ValueError(f"Model: `beta` has shape {tuple(self.beta.shape)}; a batch of models has one leading axis.")
+
+    @property
     def n_layers(self) -> int:
         """Number of piecewise-constant layers (1 for a depth-constant model)."""
         return 1 if self.layer_times is None else int(self.layer_times.shape[-1]) + 1

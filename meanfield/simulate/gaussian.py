@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from .._linalg import matmul
 from .._types import Cov, Mean
 from ..model.field import gaussian_closure_error, moment_matrices
-from .solvers import make_controller, make_solver, progress_meter, save_times
+from .core import Trajectory, solve, solve_ensemble
+from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
 class GaussianSolution(eqx.Module):
@@ -46,7 +47,8 @@ class GaussianSolution(eqx.Module):
 
     Attributes:
         ts: save times (T,).
-        means: (T, d); covs: (T, d, d). Save times after a blow-up hold the last state before
+        means: (T, d); covs: (T, d, d). A batched call adds a leading axis B to every field
+            but `ts`. Save times after a blow-up hold the last state before
             it (see `valid`), so the arrays never contain NaN or inf.
         valid: (T,) bool, True where the save time was actually reached.
         blowup_time: estimated finite-time singularity (inf when none before t1).
@@ -126,13 +128,18 @@ def simulate_gaussian(
     blowup_threshold: float | None = None,
     rank_rtol: float | None = None,
     progress: bool = False,
+    lanes: int | None = None,
 ) -> GaussianSolution:
     r"""Solve the exact moment ODE $\dot m = c + Mm$, $\dot S = MS + SM^\top$ from $N(m_0, S_0)$.
 
     Arguments:
         model: a `Model` with softmax or no attention, affine or no MLP, no sphere norm, not
-            causal (anything else has no exact Gaussian closure and is refused).
-        m0: initial mean (d,). S0: initial covariance (d, d), symmetric PSD (may be singular).
+            causal (anything else has no exact Gaussian closure and is refused), or a batch of B
+            such models stacked along a leading axis.
+        m0: initial mean (d,) or a batch (B, d). S0: initial covariance (d, d) or (B, d, d),
+            symmetric PSD (may be singular). A batch (of moments, of models, or both) runs the
+            ensemble integrator (`meanfield.simulate.core`): B independent adaptive solves on
+            `lanes` lanes (default min(B, 256)), each lane refilled when its point finishes.
         t1, t0, ts, n_save, solver, dt0, rtol, atol, max_steps, progress: as in
             `simulate_particles`.
         blowup_threshold: tr S / tr S0 at which the solve stops and blow-up is declared
@@ -153,12 +160,16 @@ def simulate_gaussian(
     if why is not None:
         raise ValueError(f"simulate_gaussian: no exact Gaussian closure for this model: {why}.")
     d = model.d
+    B = model.batch_size
     m0 = jnp.asarray(m0, model.dtype)
     S0 = jnp.asarray(S0, model.dtype)
-    if m0.shape != (d,):
-        raise ValueError(f"simulate_gaussian: `m0` must have shape (d,) = {(d,)}; got {tuple(m0.shape)}.")
-    if S0.shape != (d, d):
-        raise ValueError(f"simulate_gaussian: `S0` must have shape (d, d) = {(d, d)}; got {tuple(S0.shape)}.")
+    if m0.shape[-1:] != (d,) or m0.ndim > 2:
+        raise ValueError(f"simulate_gaussian: `m0` must have shape (d,) = {(d,)} or (B, d); got {tuple(m0.shape)}.")
+    if S0.shape[-2:] != (d, d) or S0.ndim > 3:
+        raise ValueError(f"simulate_gaussian: `S0` must have shape (d, d) = {(d, d)} or (B, d, d); got {tuple(S0.shape)}.")
+    sizes = {n for n in (B, m0.shape[0] if m0.ndim == 2 else None, S0.shape[0] if S0.ndim == 3 else None) if n is not None}
+    if len(sizes) > 1:
+        raise ValueError(f"simulate_gaussian: batch sizes of `model`, `m0` and `S0` disagree: {sorted(sizes)}.")
     if blowup_threshold is None:
         blowup_threshold = 1e6 if model.dtype == jnp.float64 else 1e3
     if blowup_threshold <= 1:
@@ -168,67 +179,51 @@ def simulate_gaussian(
     controller = make_controller(
         adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
     )
-    return _solve(
-        model, m0, S0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
-        None if dt0 is None else jnp.asarray(dt0, model.dtype), solver_obj, controller,
-        max_steps, blowup_threshold, rank_rtol, progress,
-    )
+    args = (model, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
+            None if dt0 is None else jnp.asarray(dt0, model.dtype), solver_obj, controller,
+            max_steps, blowup_threshold, rank_rtol)
+    if sizes:
+        if B is not None and model.layer_times is not None and model.layer_times.ndim > 1:
+            raise ValueError("simulate_gaussian: a batch of piecewise models must share one `layer_times`.")
+        n = sizes.pop()
+        m0 = jnp.broadcast_to(m0, (n, d))
+        S0 = jnp.broadcast_to(S0, (n, d, d))
+        with batch_progress(progress, n, "points") as tick:
+            return _solve_batch(m0, S0, *args, lanes, tick)
+    return _solve(m0, S0, *args, progress)
 
 
-def _factored_field(t, y, model):
+def _factored_field(t, y, args):
     m, L = y
-    layer = model.at(t)
+    layer = args["model"].at(t)
     S = matmul(L, L.T)
     M, c = moment_matrices(layer, m, S)
     return c + M @ m, matmul(M, L)
 
 
-@eqx.filter_jit
-def _solve(model, m0, S0, t0, t1, ts, dt0, solver, controller, max_steps, threshold, rank_rtol, progress):
-    L0 = covariance_factor(S0, rank_rtol)
+def _blowup_event(t, y, args, **kwargs):
+    """tr S = |L|_F^2 above its limit (or not finite): stop at the end of this step."""
+    m, L = y
+    log_tr = jnp.log(jnp.sum(L * L) + jnp.finfo(L.dtype).tiny)
+    return (log_tr > args["log_limit"]) | ~jnp.isfinite(log_tr)
+
+
+def _start(S0, threshold, rank_rtol):
+    """(L0, log tr S limit) of one point."""
     tiny = jnp.finfo(S0.dtype).tiny
-    log_limit = jnp.log(jnp.maximum(jnp.trace(S0), tiny ** 0.5)) + jnp.log(threshold)
+    return covariance_factor(S0, rank_rtol), jnp.log(jnp.maximum(jnp.trace(S0), tiny ** 0.5)) + jnp.log(threshold)
 
-    def cond_fn(t, y, args, **kwargs):
-        m, L = y
-        log_tr = jnp.log(jnp.sum(L * L) + tiny)
-        return (log_tr > log_limit) | ~jnp.isfinite(log_tr)
 
-    # A boolean event (stop at the end of the crossing step) with no root finder: the Riccati
-    # extrapolation below is accurate wherever we stop, and under vmap a root finder would be
-    # evaluated at every step of every lane.
-    event = diffrax.Event(cond_fn)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_factored_field),
-        solver,
-        t0,
-        t1,
-        dt0,
-        (m0, L0),
-        args=model,
-        saveat=diffrax.SaveAt(ts=ts, t1=True),
-        stepsize_controller=controller,
-        event=event,
-        max_steps=max_steps,
-        throw=False,
-        progress_meter=progress_meter(progress),
-    )
-    means_all, L_all = sol.ys
-    # The save at the final time follows the last save time reached (diffrax packs it there
-    # when an event stops the solve early), so find it as the latest finite time.
-    ts_all = jnp.where(jnp.isfinite(sol.ts), sol.ts, -jnp.inf)
-    i_end = jnp.argmax(ts_all)
-    t_end = ts_all[i_end]
-    m_end, L_end = means_all[i_end], L_all[i_end]
-    means, Ls = means_all[:-1], L_all[:-1]
+def _finish(traj: Trajectory, model, ts, t0, threshold, log_limit) -> GaussianSolution:
+    """Saves held at the last state after the stop, and the blow-up time by Riccati extrapolation."""
+    tiny = jnp.finfo(ts.dtype).tiny
+    means, Ls = traj.ys
+    m_end, L_end = traj.y_end
+    t_end = traj.t_end
     valid = (ts <= t_end) & jnp.all(jnp.isfinite(means), axis=-1) & jnp.all(jnp.isfinite(Ls), axis=(-2, -1))
     means = jnp.where(valid[:, None], means, m_end)
     Ls = jnp.where(valid[:, None, None], Ls, L_end)
     covs = Ls @ jnp.swapaxes(Ls, -1, -2)
-
-    event_hit = sol.result == diffrax.RESULTS.event_occurred
-    if sol.event_mask is not None:
-        event_hit = event_hit | jnp.any(jnp.asarray(sol.event_mask))
     # Riccati extrapolation from the event state: tau = tr S / (d/dt tr S), d/dt tr S = 2 tr(M S).
     S_end = L_end @ L_end.T
     M_end, _ = moment_matrices(model.at(t_end), m_end, S_end)
@@ -240,12 +235,40 @@ def _solve(model, m0, S0, t0, t1, ts, dt0, solver, controller, max_steps, thresh
     t_cross = t_end - tau * jnp.maximum(jnp.log(tr + tiny) - log_limit, 0.0)
     # A solver failure (step size collapsing, max_steps) with an already large covariance is a
     # singularity the event threshold could not resolve.
-    failed = (sol.result != diffrax.RESULTS.successful) & ~event_hit
+    failed = ~traj.success
     collapsed = failed & (jnp.log(tr + tiny) > log_limit - 0.5 * jnp.log(threshold))
-    blown = event_hit | collapsed
+    blown = traj.event | collapsed
     blowup = jnp.where(blown, jnp.where(singular, t_end + tau, jnp.where(jnp.isfinite(t_cross), t_cross, t_end)), jnp.inf)
-    success = ~failed | collapsed
     return GaussianSolution(
         ts=ts, means=means, covs=covs, valid=valid, blowup_time=blowup.astype(ts.dtype),
-        t_end=t_end, success=success, num_steps=sol.stats["num_accepted_steps"],
+        t_end=t_end, success=~failed | collapsed, num_steps=traj.num_steps,
     )
+
+
+# A boolean event (stop at the end of the crossing step) with no root finder: the Riccati
+# extrapolation in `_finish` is accurate wherever we stop, and a root finder would run in every lane.
+
+
+@eqx.filter_jit
+def _solve(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, threshold, rank_rtol, progress):
+    L0, log_limit = _start(S0, threshold, rank_rtol)
+    traj = solve(_factored_field, (m0, L0), {"model": model, "log_limit": log_limit}, t0=t0, t1=t1, ts=ts,
+                 solver=solver, controller=controller, dt0=dt0, max_steps=max_steps, event=_blowup_event,
+                 progress_meter=progress_meter(progress))
+    return _finish(traj, model, ts, t0, threshold, log_limit)
+
+
+@eqx.filter_jit
+def _solve_batch(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, threshold, rank_rtol, lanes, tick):
+    L0, log_limit = jax.vmap(lambda S: _start(S, threshold, rank_rtol))(S0)
+    shared = model.batch_size is None
+    args = {"log_limit": log_limit} if shared else {"log_limit": log_limit, "model": model}
+
+    def field(t, y, a):
+        return _factored_field(t, y, {"model": model} if shared else a)
+
+    traj = solve_ensemble(field, (m0, L0), args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
+                          max_steps=max_steps, event=_blowup_event, lanes=lanes, on_finish=tick)
+    finish = jax.vmap(_finish, in_axes=(0, None if shared else 0, None, None, None, 0))
+    sol = finish(traj, model, ts, t0, threshold, log_limit)
+    return eqx.tree_at(lambda s: s.ts, sol, ts)

@@ -1,7 +1,9 @@
 r"""Token particles: integrate $\dot x_i = F(t, X)_i$ for all n tokens with diffrax.
 
-One compiled solve per (model options, shapes, solver); `jax.vmap` over models and initial
-conditions works as for any pure function.
+One compiled solve per (model options, shapes, solver). A batch (X0 of shape (B, n, d), and/or a
+stacked Model with leading axis B) runs the ensemble integrator of `core.solve_ensemble`: every
+point steps on its own and finished points are replaced from a queue. `jax.vmap` of an
+unbatched call works as for any pure function (in lockstep: every lane pays the slowest lane).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import jax.numpy as jnp
 from .._types import Tokens
 from ..model.fast_attention import default_rtol, plan_attention
 from ..model.field import particle_field
-from .solvers import make_controller, make_solver, progress_meter, save_times
+from .core import Trajectory, solve, solve_ensemble
+from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
 class ParticleSolution(eqx.Module):
@@ -25,14 +28,16 @@ class ParticleSolution(eqx.Module):
 
     Attributes:
         ts: save times, shape (T,).
-        xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time.
+        xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time. A batched
+            call adds a leading axis B to `xs`, `success`, `blown_up`, `t_end`, `num_steps`.
         success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit
             or step size collapsed; saves after a failure hold inf).
         blown_up: whether the token scale crossed `blowup_growth` (the solve stopped there;
             later saves hold inf).
         t_end: the depth the solve reached.
         num_steps: accepted solver steps.
-        solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`).
+        solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`; None for a
+            batched call).
     """
 
     ts: jax.Array
@@ -107,12 +112,18 @@ def simulate_particles(
     dense: bool = False,
     progress: bool = False,
     blowup_growth: float | None = 1e8,
+    lanes: int | None = None,
 ) -> ParticleSolution:
     r"""Solve the token ODE $\dot x_i = a_\text{attn}\mathrm{Attn}(x_i;X) + a_\text{mlp}\mathrm{MLP}(x_i)$.
 
     Arguments:
-        model: a `Model` (depth-constant or piecewise).
-        X0: initial tokens, shape (n, d). With `norm="sphere"` rows should have unit norm.
+        model: a `Model` (depth-constant or piecewise), or a batch of B models stacked along a
+            leading axis of every array leaf (`jax.tree.map(lambda *a: jnp.stack(a), *models)`).
+        X0: initial tokens, shape (n, d), or a batch (B, n, d). With `norm="sphere"` rows should
+            have unit norm. A batch (of X0, of models, or both) runs the ensemble integrator: B
+            independent adaptive solves on a pool of `lanes` lanes, each lane refilled with the next
+            point when its point finishes (`meanfield.simulate.core`); each point gets the steps
+            its single solve would take.
         t1: final depth. `t0`: initial depth.
         ts: save times (default: `n_save` equally spaced on [t0, t1]).
         solver: `"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"` (adaptive, `rtol`/`atol`; default
@@ -127,7 +138,9 @@ def simulate_particles(
             direct sum: in practice n >= 2048 tokens with d or rank(Q^T K) <= 4). The orders are
             chosen here from `X0` (concrete values; under an outer jit/vmap "auto" is direct);
             every field evaluation rechecks the bound on the current tokens and falls back to the
-            direct sum where it fails. Shaped attention is always direct.
+            direct sum where it fails. Shaped attention is always direct. Batched calls use the
+            direct sum ("auto" resolves to it; "lowrank" is refused: its fallback would run in
+            every lane).
         attention_rtol: error bound for the low-rank path, relative to max_j |V x_j| (softmax);
             default 1e-6 in float32, 1e-12 in float64.
         attention_orders: static Chebyshev orders (one per coordinate, e.g. from
@@ -135,23 +148,43 @@ def simulate_particles(
             planning from `X0`: works under an outer jit (how the sweep engine uses it); the bound
             is still rechecked at every evaluation, with the direct-sum fallback.
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
-        dense: also keep dense output, available through `.evaluate(t)`.
-        progress: show a progress bar over depth (`tqdm.auto`: a widget in notebooks).
+        dense: also keep dense output, available through `.evaluate(t)` (single solves only).
+        progress: show a progress bar (`tqdm.auto`: a widget in notebooks): over depth for one
+            solve, over finished points for a batch.
         blowup_growth: stop (a diffrax event) once the RMS token norm exceeds this multiple of
             its initial value; None never stops. Without it an exploding run spends `max_steps`
-            on overflowing values, and in a vmapped batch every lane waits for it.
+            on overflowing values.
+        lanes: pool size of a batched call (default `min(B, 256)`).
 
     Returns:
-        `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables).
+        `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables); a batch
+        adds a leading axis B to every field but `ts`.
     """
     X0 = jnp.asarray(X0, model.dtype)
-    if X0.ndim != 2 or X0.shape[1] != model.d:
+    B = model.batch_size
+    if X0.ndim not in (2, 3) or X0.shape[-1] != model.d:
         raise ValueError(
-            f"simulate_particles: `X0` must have shape (n, d) with d = {model.d}; got {tuple(X0.shape)}."
+            f"simulate_particles: `X0` must have shape (n, d) or (B, n, d) with d = {model.d}; got {tuple(X0.shape)}."
         )
-    if X0.shape[0] < 1:
+    if X0.shape[-2] < 1:
         raise ValueError("simulate_particles: `X0` must hold at least one token; got n = 0.")
-    if attention_orders is not None:
+    if X0.ndim == 3 and B is not None and X0.shape[0] != B:
+        raise ValueError(
+            f"simulate_particles: `X0` holds a batch of {X0.shape[0]} and `model` a batch of {B}; they must agree."
+        )
+    batched = X0.ndim == 3 or B is not None
+    if batched:
+        if dense:
+            raise ValueError("simulate_particles: `dense=True` needs a single solve (X0 of shape (n, d), one Model).")
+        if attention_method == "lowrank" or attention_orders is not None:
+            raise ValueError(
+                "simulate_particles: a batched call uses the direct attention sum; the low-rank path "
+                "(attention_method='lowrank' / attention_orders) runs one point at a time."
+            )
+        if B is not None and model.layer_times is not None and model.layer_times.ndim > 1:
+            raise ValueError("simulate_particles: a batch of piecewise models must share one `layer_times` (pass it unbatched).")
+        orders = None
+    elif attention_orders is not None:
         orders = tuple(int(o) for o in attention_orders)
         if len(orders) != model.d or min(orders) < 1 or model.attention not in ("softmax", "unnormalised"):
             raise ValueError(
@@ -167,56 +200,72 @@ def simulate_particles(
     controller = make_controller(
         adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
     )
+    t0_, t1_ = jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype)
+    dt0_ = None if dt0 is None else jnp.asarray(dt0, model.dtype)
+    if batched:
+        n_points = X0.shape[0] if X0.ndim == 3 else B
+        with batch_progress(progress, n_points, "points") as tick:
+            return _solve_batch(model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention_impl,
+                                block_size, save_fn, blowup_growth, lanes, tick)
     return _solve(
-        model, X0, jnp.asarray(t0, model.dtype), jnp.asarray(t1, model.dtype), ts,
-        None if dt0 is None else jnp.asarray(dt0, model.dtype),
-        solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense, progress, blowup_growth,
-        orders, rtol_attn,
+        model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense,
+        progress, blowup_growth, orders, rtol_attn,
     )
+
+
+def _blowup_event(blowup_growth):
+    """Boolean event on the mean squared token norm: above its limit, or not finite."""
+    if blowup_growth is None:
+        return None
+
+    def too_big(t, y, args, **kwargs):
+        ms = jnp.mean(jnp.sum(y * y, axis=-1))
+        return (ms > args["limit"]) | ~jnp.isfinite(ms)
+
+    return too_big
+
+
+def _limit(X0, blowup_growth):
+    tiny = jnp.finfo(X0.dtype).tiny
+    return (blowup_growth ** 2) * jnp.maximum(jnp.mean(jnp.sum(X0 * X0, axis=-1)), tiny) if blowup_growth else jnp.inf
+
+
+def _finish(traj: Trajectory, ts, dense_solution=None) -> ParticleSolution:
+    """A `ParticleSolution` from one trajectory: saves after the stopping depth hold inf."""
+    reached = ts <= traj.t_end
+    ys = jax.tree.map(lambda a: jnp.where(reached.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.inf), traj.ys)
+    return ParticleSolution(ts=ts, xs=ys, success=traj.success, blown_up=traj.event, t_end=traj.t_end,
+                            num_steps=traj.num_steps, solution=dense_solution)
 
 
 @eqx.filter_jit
 def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress,
            blowup_growth, orders=None, rtol_attn=None):
     def vector_field(t, X, args):
-        return particle_field(t, X, args, impl=impl, block_size=block_size, orders=orders, rtol=rtol_attn)
+        return particle_field(t, X, args["model"], impl=impl, block_size=block_size, orders=orders, rtol=rtol_attn)
 
-    fn = (lambda t, y, args: y) if save_fn is None else (lambda t, y, args: save_fn(y))
-    event = None
-    if blowup_growth is not None:
-        limit = (blowup_growth ** 2) * jnp.maximum(jnp.mean(jnp.sum(X0 * X0, axis=-1)), jnp.finfo(X0.dtype).tiny)
+    fn = None if save_fn is None else (lambda t, y, args: save_fn(y))
+    traj = solve(vector_field, X0, {"model": model, "limit": _limit(X0, blowup_growth)}, t0=t0, t1=t1, ts=ts,
+                 solver=solver, controller=controller, dt0=dt0, max_steps=max_steps,
+                 event=_blowup_event(blowup_growth), fn=fn, dense=dense, progress_meter=progress_meter(progress))
+    return _finish(traj, ts, traj.solution)
 
-        def too_big(t, y, args, **kwargs):
-            ms = jnp.mean(jnp.sum(y * y, axis=-1))
-            return (ms > limit) | ~jnp.isfinite(ms)
 
-        event = diffrax.Event(too_big)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field),
-        solver,
-        t0,
-        t1,
-        dt0,
-        X0,
-        args=model,
-        saveat=diffrax.SaveAt(ts=ts, fn=fn, dense=dense, t1=True),
-        event=event,
-        stepsize_controller=controller,
-        max_steps=max_steps,
-        throw=False,
-        progress_meter=progress_meter(progress),
-    )
-    blown = sol.result == diffrax.RESULTS.event_occurred
-    if sol.event_mask is not None:
-        blown = blown | jnp.any(jnp.asarray(sol.event_mask))
-    success = (sol.result == diffrax.RESULTS.successful) | blown
-    # With SaveAt(t1=True) the final state follows the saves reached (diffrax packs it there when
-    # an event stops early); keep only the requested save times, inf where they were not reached.
-    t_all = jnp.where(jnp.isfinite(sol.ts), sol.ts, -jnp.inf)
-    t_end = jnp.max(t_all)
-    reached = ts <= t_end
-    ys = jax.tree.map(
-        lambda a: jnp.where(reached.reshape((-1,) + (1,) * (a.ndim - 1)), a[:-1], jnp.inf), sol.ys
-    )
-    return ParticleSolution(ts=ts, xs=ys, success=success, blown_up=blown, t_end=t_end,
-                            num_steps=sol.stats["num_accepted_steps"], solution=sol)
+@eqx.filter_jit
+def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn,
+                 blowup_growth, lanes, tick):
+    shared = model.batch_size is None
+    if X0.ndim == 2:
+        X0 = jnp.broadcast_to(X0, (model.batch_size,) + X0.shape)
+    args = {"limit": jax.vmap(lambda x: _limit(x, blowup_growth))(X0)}
+    if not shared:
+        args["model"] = model
+
+    def vector_field(t, X, a):
+        return particle_field(t, X, model if shared else a["model"], impl=impl, block_size=block_size)
+
+    fn = None if save_fn is None else (lambda t, y, args: save_fn(y))
+    traj = solve_ensemble(vector_field, X0, args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,
+                          dt0=dt0, max_steps=max_steps, event=_blowup_event(blowup_growth), fn=fn, lanes=lanes,
+                          on_finish=tick)
+    return eqx.tree_at(lambda s: s.ts, jax.vmap(lambda tr: _finish(tr, ts))(traj), ts)

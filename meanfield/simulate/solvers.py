@@ -8,9 +8,11 @@ Any `diffrax.AbstractSolver` instance is accepted as-is.
 
 from __future__ import annotations
 
+import contextlib
 from typing import ClassVar
 
 import diffrax
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -89,6 +91,35 @@ class AutoTqdmProgressMeter(diffrax.TqdmProgressMeter):
 def progress_meter(progress: bool):
     """`progress=True`: a depth progress bar (`tqdm.auto`); False: none."""
     return AutoTqdmProgressMeter() if progress else diffrax.NoProgressMeter()
+
+
+_BATCH_BARS: list = []
+
+
+def _batch_tick(k) -> None:
+    """Host callback of the ensemble integrator: `k` more points finished (one stable function, so
+    the compiled solve does not depend on which bar is open)."""
+    if _BATCH_BARS and int(k):
+        _BATCH_BARS[-1].update(int(k))
+
+
+@contextlib.contextmanager
+def batch_progress(progress: bool, total: int, unit: str):
+    """`progress=True` for a batched solve: a `tqdm.auto` bar over finished points; yields the
+    callback to pass as `on_finish` (None when off, so no callback is compiled)."""
+    if not progress:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit=unit)
+    _BATCH_BARS.append(bar)
+    try:
+        yield _batch_tick
+    finally:
+        jax.effects_barrier()
+        _BATCH_BARS.remove(bar)
+        bar.close()
 
 
 def save_times(t0, t1, ts, n_save, dtype):

@@ -1,0 +1,272 @@
+r"""The one solve core: $(f, y_0, \text{save times}, \text{solver}, \text{controller}, \text{event})$ -> saves.
+
+Every simulator builds a vector field $\dot y = f(t, y, \text{args})$, an optional boolean event
+$g(t, y, \text{args})$ (stop at the end of the first step where it holds) and a save function,
+then calls one of two solvers that return the same `Trajectory`:
+
+- `solve`: one trajectory, `diffrax.diffeqsolve` (what `jax.vmap` of a single call runs).
+- `solve_ensemble`: B trajectories on a fixed pool of L lanes. Each lane holds its own t, dt,
+  state, solver (FSAL) state, PID controller state, save cursor and point index. One loop
+  iteration makes one attempted step of the same Runge-Kutta tableau in every lane, with one
+  batched field evaluation per stage (diffrax's `solver.step` and `adapt_step_size`, vmapped
+  over lanes); accept/reject and the next step size are per lane. A lane writes a save row only
+  when its step crosses a save time (diffrax's dense interpolant, as `diffeqsolve` does), into
+  its point's slot. A finished lane (t1 reached, event, max_steps, controller failure) writes
+  its end state and is refilled from the queue of pending points, so the loop costs about
+  (sum of steps over points) / L iterations instead of max steps, and no lane waits for another.
+
+Each lane makes exactly the steps of the single solve (same tableau, controller and initial step
+size): a lane differs from `solve` only by the rounding of batched vs unbatched arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Trajectory(eqx.Module):
+    """What a solve returns, per trajectory (a leading batch axis B from `solve_ensemble`).
+
+    Attributes:
+        ys: `fn(t, y, args)` at the save times, shape (T, ...); `inf` at save times not reached.
+        y_end: the state where the solve stopped.
+        t_end: the time where it stopped (t1, the end of the event step, or where it failed).
+        event: whether the event stopped it.
+        success: reached t1 or the event (False: max_steps or a controller failure).
+        num_steps: accepted steps. num_attempts: accepted + rejected steps.
+        solution: the `diffrax.Solution` (single solves only; None from the ensemble).
+    """
+
+    ys: Any
+    y_end: Any
+    t_end: jax.Array
+    event: jax.Array
+    success: jax.Array
+    num_steps: jax.Array
+    num_attempts: jax.Array
+    solution: Any = None
+
+
+def _save_y(t, y, args):
+    return y
+
+
+def solve(field: Callable, y0, args, *, t0, t1, ts, solver, controller, dt0=None, max_steps: int,
+          event: Callable | None = None, fn: Callable | None = None, dense: bool = False,
+          progress_meter=None) -> Trajectory:
+    """One trajectory of $\\dot y = f(t, y, args)$ through `diffrax.diffeqsolve` (saves at `ts`)."""
+    fn = _save_y if fn is None else fn
+    saveat = diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts, fn=fn), diffrax.SubSaveAt(t1=True)], dense=dense)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field), solver, t0, t1, dt0, y0, args=args, saveat=saveat,
+        event=None if event is None else diffrax.Event(event), stepsize_controller=controller,
+        max_steps=max_steps, throw=False,
+        progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
+    )
+    ys, y_end = sol.ys
+    hit = sol.result == diffrax.RESULTS.event_occurred
+    if sol.event_mask is not None:
+        hit = hit | jnp.any(jnp.asarray(sol.event_mask))
+    return Trajectory(
+        ys=ys, y_end=jax.tree.map(lambda a: a[0], y_end), t_end=sol.ts[1][0], event=hit,
+        success=(sol.result == diffrax.RESULTS.successful) | hit,
+        num_steps=sol.stats["num_accepted_steps"], num_attempts=sol.stats["num_steps"], solution=sol,
+    )
+
+
+def _clip_floor(t1):
+    """t1 minus 100 ulp: a step ending past it is clipped onto t1 (as `diffeqsolve` does)."""
+    floor = t1
+    for _ in range(100):
+        floor = jnp.nextafter(floor, jnp.asarray(-jnp.inf, floor.dtype))
+    return floor
+
+
+def _is_fsal(solver) -> bool:
+    tableau = getattr(solver, "tableau", None)
+    return bool(getattr(tableau, "fsal", False)) and isinstance(solver, diffrax.AbstractRungeKutta)
+
+
+def default_lanes(n_points: int) -> int:
+    """Pool size when none is given: every point when few, else 256 lanes (measured on 2 CPU cores:
+    big enough to amortise the per-iteration cost, small enough that the tail after the queue
+    empties stays short; `benchmarks/bench_ensemble.py`)."""
+    return int(max(1, min(n_points, 256)))
+
+
+def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller, dt0=None, max_steps: int,
+                   event: Callable | None = None, fn: Callable | None = None, lanes: int | None = None,
+                   args_batched: bool = True, refill: int | None = None, on_finish: Callable | None = None
+                   ) -> Trajectory:
+    """B trajectories of $\\dot y = f(t, y, args_b)$ on a pool of `lanes` independent integrators.
+
+    Arguments:
+        y0: pytree with a leading batch axis B. args: pytree with a leading axis B
+            (`args_batched=True`) or shared by every point.
+        t0: scalar start time. t1: scalar or (B,). ts: save times (T,) or (B, T) within [t0, t1].
+        solver, controller: a diffrax Runge-Kutta solver and a `PIDController` /
+            `ConstantStepSize` (as `make_solver` / `make_controller` give); `jump_ts` of a
+            `ClipStepSizeController` are shared by all points.
+        dt0: initial step (None: diffrax's initial step-size selection, per point).
+        max_steps: attempted steps per point. event, fn: as in `solve`.
+        lanes: pool size L (default `default_lanes(B)`). refill: lanes (re)initialised per
+            iteration at most (default max(1, L // 8)); an idle lane beyond that waits one iteration.
+        on_finish: optional host callback `on_finish(k)` with the number of points finished in
+            an iteration (a progress bar); None compiles no callback.
+
+    Returns:
+        `Trajectory` with leading axis B (`solution` None).
+    """
+    fn = _save_y if fn is None else fn
+    leaves = jax.tree.leaves(y0)
+    B = int(leaves[0].shape[0])
+    dtype = jnp.result_type(*leaves)
+    L = default_lanes(B) if lanes is None else int(max(1, min(int(lanes), B)))
+    K = max(1, L // 8) if refill is None else int(max(1, min(int(refill), L)))
+    t0 = jnp.asarray(t0, dtype)
+    t1 = jnp.broadcast_to(jnp.asarray(t1, dtype), (B,))
+    ts = jnp.asarray(ts, dtype)
+    ts = jnp.broadcast_to(ts, (B, ts.shape[-1]))
+    T = ts.shape[-1]
+    floor = _clip_floor(t1)
+    controller = controller.wrap(1)
+    terms = diffrax.ODETerm(field)
+    fsal = _is_fsal(solver)
+    jumps = isinstance(controller, diffrax.ClipStepSizeController) and controller.jump_ts is not None
+    error_order = solver.error_order(terms)
+    arg_axis = 0 if args_batched else None
+    take = (lambda tree, idx: jax.tree.map(lambda a: a[idx], tree))
+    # Per-point arguments travel with their lane; shared ones stay outside the loop state.
+    args_of = (lambda lane: lane["args"]) if args_batched else (lambda lane: args)
+
+    def init_lane(y, a, t1_p):
+        tnext, cstate = controller.init(terms, t0, t1_p, y, dt0, a, solver.func, error_order)
+        tnext = jnp.minimum(tnext, t1_p)
+        sstate = solver.init(terms, t0, tnext, y, a)
+        if fsal:  # evaluate the first stage here, so no step of any lane re-evaluates it
+            sstate = (jnp.array(False), terms.vf(t0, y, a))
+        return tnext, cstate, sstate
+
+    init_lanes = jax.vmap(init_lane, in_axes=(0, arg_axis, 0))
+
+    def start(points):
+        """Fresh lane state for `points` (all valid indices)."""
+        y = take(y0, points)
+        a = take(args, points) if args_batched else args
+        tnext, cstate, sstate = init_lanes(y, a, t1[points])
+        lane = dict(point=points, tprev=jnp.full(points.shape, t0), tnext=tnext, y=y, sstate=sstate,
+                    cstate=cstate, jump=jnp.zeros(points.shape, bool), cursor=jnp.zeros(points.shape, jnp.int32),
+                    steps=jnp.zeros(points.shape, jnp.int32), accepted=jnp.zeros(points.shape, jnp.int32))
+        if args_batched:
+            lane["args"] = a
+        return lane
+
+    out_ys = jax.tree.map(
+        lambda s: jnp.full((B, T) + s.shape, jnp.inf, s.dtype),
+        jax.eval_shape(fn, t0, take(y0, 0), take(args, 0) if args_batched else args),
+    )
+    out = dict(
+        ys=out_ys, y_end=jax.tree.map(jnp.zeros_like, y0), t_end=jnp.full((B,), t0),
+        event=jnp.zeros((B,), bool), success=jnp.zeros((B,), bool),
+        steps=jnp.zeros((B,), jnp.int32), attempts=jnp.zeros((B,), jnp.int32),
+    )
+    lanes0 = start(jnp.arange(L, dtype=jnp.int32))
+
+    def lane_step(tprev, tnext, y, a, sstate, cstate, jump, t1_p, floor_p):
+        made_jump = jump if jumps else False
+        y1, y_err, dense_info, sstate1, _ = solver.step(terms, tprev, tnext, y, a, sstate, made_jump)
+        y_err = jax.tree.map(lambda e: jnp.where(jnp.isnan(e), jnp.inf, e), y_err)
+        keep, tp, tn, jump1, cstate1, c_result = controller.adapt_step_size(
+            tprev, tnext, y, y1, a, y_err, error_order, cstate)
+        tp = jnp.minimum(tp, t1_p)
+        tn = jnp.where(tn > floor_p, jnp.where(keep, t1_p, tp + 0.5 * (t1_p - tp)), tn)
+        sel = lambda new, old: jnp.where(keep, new, old)  # noqa: E731
+        y1 = jax.tree.map(sel, y1, y)
+        sstate1 = jax.tree.map(sel, sstate1, sstate)
+        jump1 = jnp.where(keep, jump1, jump) if jumps else jump
+        ok = c_result == diffrax.RESULTS.successful
+        return keep, tp, tn, y1, sstate1, cstate1, jump1, ok, dense_info
+
+    step_lanes = jax.vmap(lane_step, in_axes=(0, 0, 0, arg_axis, 0, 0, 0, 0, 0))
+
+    def interp(tprev, tnext, dense_info, t):
+        return solver.interpolation_cls(t0=tprev, t1=tnext, **dense_info).evaluate(t)
+
+    interp_lanes = jax.vmap(interp)
+    save_lanes = jax.vmap(fn, in_axes=(0, 0, arg_axis))
+    stop_lanes = None if event is None else jax.vmap(event, in_axes=(0, 0, arg_axis))
+
+    def body(carry):
+        lane, out, queue = carry
+        active = lane["point"] >= 0
+        p = jnp.where(active, lane["point"], 0)
+        t1_l, floor_l, ts_l = t1[p], floor[p], ts[p]
+        keep, tp, tn, y1, sstate, cstate, jump, ok, dense_info = step_lanes(
+            lane["tprev"], lane["tnext"], lane["y"], args_of(lane), lane["sstate"], lane["cstate"], lane["jump"],
+            t1_l, floor_l)
+
+        # Saves crossed by this step: ts[cursor] <= old tnext (diffrax's dense interpolation).
+        def save_needed(cursor):
+            t_c = jnp.take_along_axis(ts_l, jnp.minimum(cursor, T - 1)[:, None], axis=1)[:, 0]
+            return active & keep & (cursor < T) & (t_c <= lane["tnext"]), t_c
+
+        def save_cond(c):
+            return jnp.any(save_needed(c[0])[0])
+
+        def save_body(c):
+            cursor, ys = c
+            need, t_c = save_needed(cursor)
+            vals = save_lanes(t_c, interp_lanes(lane["tprev"], lane["tnext"], dense_info, t_c), args_of(lane))
+            row = jnp.where(need, p, B)  # out of range: dropped
+            ys = jax.tree.map(lambda buf, v: buf.at[row, jnp.minimum(cursor, T - 1)].set(v, mode="drop"), ys, vals)
+            return cursor + need.astype(cursor.dtype), ys
+
+        cursor, ys = jax.lax.while_loop(save_cond, save_body, (lane["cursor"], out["ys"]))
+        steps = lane["steps"] + 1
+        accepted = lane["accepted"] + keep.astype(jnp.int32)
+        hit = jnp.zeros_like(keep) if stop_lanes is None else stop_lanes(tp, y1, args_of(lane))
+        reached = tp >= t1_l
+        finished = active & (reached | hit | ~ok | (steps >= max_steps))
+        row = jnp.where(finished, p, B)
+        out = dict(
+            ys=ys,
+            y_end=jax.tree.map(lambda buf, v: buf.at[row].set(v, mode="drop"), out["y_end"], y1),
+            t_end=out["t_end"].at[row].set(tp, mode="drop"),
+            event=out["event"].at[row].set(hit, mode="drop"),
+            success=out["success"].at[row].set((reached | hit) & ok, mode="drop"),
+            steps=out["steps"].at[row].set(accepted, mode="drop"),
+            attempts=out["attempts"].at[row].set(steps, mode="drop"),
+        )
+        lane = dict(lane, point=jnp.where(finished, -1, lane["point"]), tprev=tp, tnext=tn, y=y1, sstate=sstate,
+                    cstate=cstate, jump=jump, cursor=cursor, steps=steps, accepted=accepted)
+        if on_finish is not None:
+            jax.debug.callback(on_finish, jnp.sum(finished))
+
+        def refill(args_):
+            lane, queue = args_
+            idle = lane["point"] < 0
+            slots = jnp.nonzero(idle, size=K, fill_value=L)[0]
+            new = queue + jnp.arange(K, dtype=jnp.int32)
+            valid = (slots < L) & (new < B)
+            fresh = start(jnp.where(valid, new, 0))
+            fresh["point"] = jnp.where(valid, new, -1)
+            dst = jnp.where(valid, slots, L)
+            lane = jax.tree.map(lambda cur, f: cur.at[dst].set(f, mode="drop"), lane, fresh)
+            return lane, queue + jnp.sum(valid).astype(queue.dtype)
+
+        lane, queue = jax.lax.cond(jnp.any(lane["point"] < 0) & (queue < B), refill, lambda a: a, (lane, queue))
+        return lane, out, queue
+
+    def cond(carry):
+        return jnp.any(carry[0]["point"] >= 0)
+
+    _, out, _ = jax.lax.while_loop(cond, body, (lanes0, out, jnp.asarray(L, jnp.int32)))
+    return Trajectory(ys=out["ys"], y_end=out["y_end"], t_end=out["t_end"], event=out["event"],
+                      success=out["success"], num_steps=out["steps"], num_attempts=out["attempts"])
