@@ -279,6 +279,7 @@ class OutputConfig(_Strict):
     dir: str | None = Field(None, description="default: runs/<name>")
     chunk_size: int | None = Field(None, ge=1, description="points per compiled batch (default: from the memory budget)")
     memory_budget_gb: float = Field(2.0, gt=0)
+    lanes: int | None = Field(None, ge=1, description="ensemble integrator lanes per device (default: min(chunk, 256))")
 
 
 class ExperimentConfig(_Strict):

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,10 +168,49 @@ def plan_group_orders(cfg: ExperimentConfig, group, file_tokens=None):
     return orders
 
 
+def _particle_outputs(names, reg, ts, xs, success, blown_up, t_end):
+    """One point's sweep outputs from its saved tokens xs (T, n, d): observables over depth, regime, blow-up depth."""
+    wanted = list(dict.fromkeys(names + ["rank_one_distance", "rms_norm"]))
+    reached = jnp.all(jnp.isfinite(xs), axis=(-2, -1))
+    safe = jnp.where(reached[:, None, None], xs, 0.0)
+
+    def observe(X):
+        return {n: (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
+                for n in wanted}
+
+    o = {k: jnp.where(reached, v, jnp.inf) for k, v in jax.vmap(observe)(safe).items()}
+    growth = o["rms_norm"] / o["rms_norm"][0]
+    over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
+    first_over = jnp.where(jnp.any(over), ts[jnp.argmax(over)], jnp.inf)
+    blowup_time = jnp.where(blown_up, jnp.minimum(first_over, t_end), first_over)
+    # A failed solve (max_steps) is judged on its last reached save; `success` flags it.
+    last = jnp.max(jnp.where(jnp.isfinite(growth), jnp.arange(growth.shape[0]), 0))
+    regime = regime_code(o["rank_one_distance"][last], growth[last], blown_up,
+                         collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+    keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
+    return dict(keep, t=ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(ts.dtype),
+                success=success.astype(jnp.int8))
+
+
+def _gaussian_outputs(names, reg, sol):
+    """One point's sweep outputs from its `GaussianSolution`."""
+    obs = _gaussian_observables(names, sol.means, sol.covs)
+    obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
+    regime = classify(sol, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+    return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
+                success=sol.success.astype(jnp.int8))
+
+
+def _solver_kwargs(s: dict) -> dict:
+    return dict(n_save=s["n_save"], solver=s["solver"], dt0=s["dt0"], rtol=s["rtol"], atol=s["atol"],
+                max_steps=s["max_steps"])
+
+
 def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, attention_orders=None):
-    """The per-point function `numbers -> outputs` for one group (unbatched; vmap it). With
-    `attention_orders` (from `plan_group_orders`) particles use the low-rank attention; do not vmap
-    that function (its fallback `lax.cond` would become a select that always runs the direct sum)."""
+    """The per-point function `numbers -> outputs` for one group (unbatched). `make_chunk_function`
+    runs a whole chunk through the ensemble integrator instead; this one is what the low-rank
+    attention path (`attention_orders` from `plan_group_orders`) calls point by point, and the
+    reference the batched path is tested against."""
     if cfg.simulator.kind == "shaped_sde":
         return _shaped_point_function(cfg, traced_paths)
     base = cfg.model_dump(mode="python", exclude={"sweep"})
@@ -183,60 +223,95 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, a
     def point(values):
         tree, model, ikey = _point_model(base, traced_paths, values, dtype)
         s = tree["simulator"]
-        common = dict(
-            n_save=s["n_save"], solver=s["solver"], dt0=s["dt0"], rtol=s["rtol"], atol=s["atol"],
-            max_steps=s["max_steps"],
-        )
         if sim.kind == "gaussian":
             m0, S0 = initial_moments(tree["initial"], d, dtype)
-            sol = simulate_gaussian(model, m0, S0, s["t1"], blowup_threshold=s["blowup_threshold"], **common)
-            obs = _gaussian_observables(names, sol.means, sol.covs)
-            obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
-            regime = classify(sol, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
+            sol = simulate_gaussian(model, m0, S0, s["t1"], blowup_threshold=s["blowup_threshold"], **_solver_kwargs(s))
+            out = _gaussian_outputs(names, reg, sol)
             if sim.lyapunov is not None:
                 from ..lyapunov import gaussian_lyapunov
 
-                obs["lyapunov"] = _lyapunov_values(gaussian_lyapunov(model, m0, S0, sim.t1, **_lyapunov_kwargs(sim, ikey)))
-            return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
-                        success=sol.success.astype(jnp.int8))
-        X0 = initial_tokens(tree["initial"], d, ikey, dtype, file_tokens)
-        wanted = list(dict.fromkeys(names + ["rank_one_distance", "rms_norm"]))
-
-        def save_fn(X):
-            out = {}
-            for n in wanted:
-                out[n] = (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
+                out["lyapunov"] = _lyapunov_values(gaussian_lyapunov(model, m0, S0, sim.t1, **_lyapunov_kwargs(sim, ikey)))
             return out
-
+        X0 = initial_tokens(tree["initial"], d, ikey, dtype, file_tokens)
         fast = {} if attention_orders is None else dict(attention_orders=attention_orders,
                                                          attention_rtol=s["attention_rtol"])
-        sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"], save_fn=save_fn,
-                                 blowup_growth=100 * reg.growth_limit, **fast, **common)
-        o = sol.xs
-        growth = o["rms_norm"] / o["rms_norm"][0]
-        over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
-        first_over = jnp.where(jnp.any(over), sol.ts[jnp.argmax(over)], jnp.inf)
-        blowup_time = jnp.where(sol.blown_up, jnp.minimum(first_over, sol.t_end), first_over)
-        # A failed solve (max_steps) is judged on its last reached save; `success` flags it.
-        last = jnp.max(jnp.where(jnp.isfinite(growth), jnp.arange(growth.shape[0]), 0))
-        regime = regime_code(o["rank_one_distance"][last], growth[last], sol.blown_up,
-                             collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
-        keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
+        sol = simulate_particles(model, X0, s["t1"], attention_impl=s["attention_impl"],
+                                 blowup_growth=100 * reg.growth_limit, **fast, **_solver_kwargs(s))
+        out = _particle_outputs(names, reg, sol.ts, sol.xs, sol.success, sol.blown_up, sol.t_end)
         if sim.lyapunov is not None:
             from ..lyapunov import particle_lyapunov
 
-            keep["lyapunov"] = _lyapunov_values(particle_lyapunov(
+            out["lyapunov"] = _lyapunov_values(particle_lyapunov(
                 model, X0, sim.t1, attention_impl=s["attention_impl"], **_lyapunov_kwargs(sim, ikey)))
-        return dict(keep, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(sol.ts.dtype),
-                    success=sol.success.astype(jnp.int8))
+        return out
 
     return point
 
 
+def make_chunk_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, lanes: int | None = None):
+    """`numbers (B,) -> outputs (B, ...)` for a chunk of one group: every point's Model and initial
+    state built in one vmap, then ONE batched solve on the ensemble integrator (each point steps on
+    its own; finished points are replaced from the chunk's queue), then the observables of the saved
+    states. Particles and Gaussian moments; the numbers equal `make_point_function`'s up to the
+    rounding of batched arithmetic. Lyapunov exponents (a QR solve of their own) stay vmapped."""
+    base = cfg.model_dump(mode="python", exclude={"sweep"})
+    dtype = _dtype(cfg)
+    names = cfg.observable_names()
+    sim = cfg.simulator
+    reg = cfg.regimes
+    d = cfg.model.d
+    s = base["simulator"]
+    if "simulator.t1" in traced_paths:  # per-point depth: the batch shares one t1
+        raise ConfigError("sweeping simulator.t1 runs the per-point path")
+
+    def setup(values):
+        tree, model, ikey = _point_model(base, traced_paths, values, dtype)
+        if sim.kind == "gaussian":
+            return model, initial_moments(tree["initial"], d, dtype), ikey
+        return model, initial_tokens(tree["initial"], d, ikey, dtype, file_tokens), ikey
+
+    def chunk(values):
+        models, init, ikeys = jax.vmap(setup)(values)
+        if sim.kind == "gaussian":
+            m0, S0 = init
+            sol = simulate_gaussian(models, m0, S0, sim.t1, blowup_threshold=s["blowup_threshold"], lanes=lanes,
+                                    **_solver_kwargs(s))
+            sol = eqx.tree_at(lambda g: g.ts, sol, jnp.broadcast_to(sol.ts, sol.means.shape[:2]))
+            out = jax.vmap(lambda g: _gaussian_outputs(names, reg, g))(sol)
+            if sim.lyapunov is not None:
+                from ..lyapunov import gaussian_lyapunov
+
+                out["lyapunov"] = jax.vmap(lambda m, a, b, k: _lyapunov_values(
+                    gaussian_lyapunov(m, a, b, sim.t1, **_lyapunov_kwargs(sim, k))))(models, m0, S0, ikeys)
+            return out
+        sol = simulate_particles(models, init, sim.t1, attention_impl=s["attention_impl"],
+                                 blowup_growth=100 * reg.growth_limit, lanes=lanes, **_solver_kwargs(s))
+        # Observables of the saved states, 256 points at a time (some are O(n^2) per state).
+        out = jax.lax.map(lambda a: _particle_outputs(names, reg, sol.ts, *a),
+                          (sol.xs, sol.success, sol.blown_up, sol.t_end), batch_size=256)
+        if sim.lyapunov is not None:
+            from ..lyapunov import particle_lyapunov
+
+            out["lyapunov"] = jax.vmap(lambda m, x, k: _lyapunov_values(particle_lyapunov(
+                m, x, sim.t1, attention_impl=s["attention_impl"], **_lyapunov_kwargs(sim, k))))(models, init, ikeys)
+        return out
+
+    return chunk
+
+
 MAX_AUTO_CHUNK = 256
+"""Points per chunk for vmapped (lockstep) groups: shaped SDE, swept t1, low-rank attention."""
+MAX_ENSEMBLE_CHUNK = 8192
+"""Points per chunk on the ensemble integrator: the queue a pool of lanes works through (bigger
+queues shorten the tail after it empties; chunks stay small enough to be crash-safe)."""
 
 
-def auto_chunk_size(cfg: ExperimentConfig, n_devices: int) -> int:
+def _uses_ensemble(cfg: ExperimentConfig, traced_paths=()) -> bool:
+    return (cfg.simulator.kind in ("particles", "gaussian") and cfg.simulator.attention_method != "lowrank"
+            and "simulator.t1" not in traced_paths)
+
+
+def auto_chunk_size(cfg: ExperimentConfig, n_devices: int, traced_paths=()) -> int:
     """Points per batch from `output.memory_budget_gb` and a per-point memory estimate."""
     if cfg.output.chunk_size:
         size = cfg.output.chunk_size
@@ -245,6 +320,8 @@ def auto_chunk_size(cfg: ExperimentConfig, n_devices: int) -> int:
         sim = cfg.simulator
         n_obs = len(cfg.observable_names()) + 4
         d = cfg.model.d if cfg.model is not None else 1
+        budget = cfg.output.memory_budget_gb * 2**30
+        ensemble = _uses_ensemble(cfg, traced_paths)
         if sim.kind == "shaped_sde":
             m = cfg.shaped.m
             per_point = item * cfg.shaped.n_paths * (sim.n_save * (m * m + 2) + 8 * m * m)
@@ -255,12 +332,17 @@ def auto_chunk_size(cfg: ExperimentConfig, n_devices: int) -> int:
             h = cfg.model.hidden or 4 * d
             dense = sim.attention_impl == "dense" or (sim.attention_impl == "auto" and n <= 4096)
             attn = n * n if dense else 1024 * 1024
-            per_point = item * (6 * attn + 40 * n * max(d, h) + sim.n_save * n_obs)
-        size = int(cfg.output.memory_budget_gb * 2**30 // per_point)
+            per_lane = item * (6 * attn + 40 * n * max(d, h))
+            if ensemble:  # the lanes' working memory once, then the saved states of every point
+                budget = max(budget - min(cfg.output.lanes or 256, 256) * per_lane, budget / 4)
+                per_point = item * (sim.n_save * (n * d + n_obs) + 2 * n * d)
+            else:
+                per_point = per_lane + item * sim.n_save * n_obs
+        size = int(budget // per_point)
         # Vmapped adaptive solves run in lockstep: a chunk costs (lanes x the slowest lane's steps), and
         # the slowest lane gets slower as the chunk grows (measured: 512 random d = 4 moment points 4 s,
-        # 2048 points 64 s). 256 bounds that waste and keeps crash-safe chunks small.
-        size = max(1, min(size, MAX_AUTO_CHUNK))
+        # 2048 points 64 s), so those chunks stay at 256. The ensemble integrator has no such waste.
+        size = max(1, min(size, MAX_ENSEMBLE_CHUNK if ensemble else MAX_AUTO_CHUNK))
     return int(-(-size // n_devices) * n_devices)
 
 
@@ -365,7 +447,7 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
         if not todo_mask.any():
             continue
         cfg = group.config
-        size = auto_chunk_size(cfg, n_dev)
+        size = auto_chunk_size(cfg, n_dev, group.traced_paths)
         file_tokens = None
         if cfg.initial.kind == "file":
             f = Path(cfg.initial.path)
@@ -394,7 +476,14 @@ def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc,
     orders = None
     if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
         orders = plan_group_orders(cfg, group, file_tokens)
-    if orders is None:
+    if orders is None and _uses_ensemble(cfg, group.traced_paths):
+        # The ensemble integrator: each device runs its own pool over its share of the chunk.
+        chunk = make_chunk_function(cfg, group.traced_paths, file_tokens, lanes=cfg.output.lanes)
+        if mesh is not None:
+            chunk = jax.shard_map(chunk, mesh=mesh, in_specs=PartitionSpec("points"), out_specs=PartitionSpec("points"),
+                                  check_vma=False)
+        fn = jax.jit(chunk)
+    elif orders is None:
         fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
     else:
         # One point at a time, unvmapped: each point is its own (crash-safe) chunk, and the in-jit
