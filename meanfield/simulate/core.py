@@ -82,11 +82,14 @@ def solve(field: Callable, y0, args, *, t0, t1, ts, solver, controller, dt0=None
 
 
 def _clip_floor(t1):
-    """t1 minus 100 ulp: a step ending past it is clipped onto t1 (as `diffeqsolve` does)."""
-    floor = t1
-    for _ in range(100):
-        floor = jnp.nextafter(floor, jnp.asarray(-jnp.inf, floor.dtype))
-    return floor
+    """t1 minus 100 ulp: a step ending past it is clipped onto t1 (as `diffeqsolve` does).
+
+    Counted on the bit pattern (100 chained `nextafter` calls send XLA's simplifier in circles)."""
+    int_dtype = jnp.int64 if t1.dtype == jnp.float64 else jnp.int32
+    bits = jax.lax.bitcast_convert_type(t1, int_dtype)
+    step = lambda b: jax.lax.bitcast_convert_type(b, t1.dtype)  # noqa: E731
+    below_zero = -jnp.finfo(t1.dtype).tiny  # t1 = 0 (never a depth here): just below it
+    return jnp.where(t1 > 0, step(bits - 100), jnp.where(t1 < 0, step(bits + 100), below_zero))
 
 
 def _is_fsal(solver) -> bool:
@@ -177,7 +180,9 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
         event=jnp.zeros((B,), bool), success=jnp.zeros((B,), bool),
         steps=jnp.zeros((B,), jnp.int32), attempts=jnp.zeros((B,), jnp.int32),
     )
-    lanes0 = start(jnp.arange(L, dtype=jnp.int32))
+    # Every lane starts idle; the first iterations fill the pool from the queue (one traced `start`).
+    lanes0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(start, jnp.zeros(L, jnp.int32)))
+    lanes0["point"] = jnp.full((L,), -1, jnp.int32)
 
     def lane_step(tprev, tnext, y, a, sstate, cstate, jump, t1_p, floor_p):
         made_jump = jump if jumps else False
@@ -203,8 +208,24 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
     save_lanes = jax.vmap(fn, in_axes=(0, 0, arg_axis))
     stop_lanes = None if event is None else jax.vmap(event, in_axes=(0, 0, arg_axis))
 
+    def refill(args_):
+        lane, queue = args_
+        n = lane["point"].shape[0]
+        k = min(K, n)
+        idle = lane["point"] < 0
+        slots = jnp.nonzero(idle, size=k, fill_value=n)[0]
+        new = queue + jnp.arange(k, dtype=jnp.int32)
+        valid = (slots < n) & (new < B)
+        fresh = start(jnp.where(valid, new, 0))
+        fresh["point"] = jnp.where(valid, new, -1)
+        dst = jnp.where(valid, slots, n)
+        lane = jax.tree.map(lambda cur, f: cur.at[dst].set(f, mode="drop"), lane, fresh)
+        return lane, queue + jnp.sum(valid).astype(queue.dtype)
+
     def body(carry):
         lane, out, queue = carry
+        # Idle lanes take the next points of the queue (at most `refill` per iteration).
+        lane, queue = jax.lax.cond(jnp.any(lane["point"] < 0) & (queue < B), refill, lambda a: a, (lane, queue))
         active = lane["point"] >= 0
         p = jnp.where(active, lane["point"], 0)
         t1_l, floor_l, ts_l = t1[p], floor[p], ts[p]
@@ -249,24 +270,35 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
         if on_finish is not None:
             jax.debug.callback(on_finish, jnp.sum(finished))
 
-        def refill(args_):
-            lane, queue = args_
-            idle = lane["point"] < 0
-            slots = jnp.nonzero(idle, size=K, fill_value=L)[0]
-            new = queue + jnp.arange(K, dtype=jnp.int32)
-            valid = (slots < L) & (new < B)
-            fresh = start(jnp.where(valid, new, 0))
-            fresh["point"] = jnp.where(valid, new, -1)
-            dst = jnp.where(valid, slots, L)
-            lane = jax.tree.map(lambda cur, f: cur.at[dst].set(f, mode="drop"), lane, fresh)
-            return lane, queue + jnp.sum(valid).astype(queue.dtype)
-
-        lane, queue = jax.lax.cond(jnp.any(lane["point"] < 0) & (queue < B), refill, lambda a: a, (lane, queue))
         return lane, out, queue
 
-    def cond(carry):
-        return jnp.any(carry[0]["point"] >= 0)
+    # The tail: once the queue is empty, the last points run on a pool shrunk 8-fold each time the
+    # active lanes fit (256 -> 32 lanes; 1024 -> 128 -> 16), so a slow point at the end costs the
+    # iterations of a small pool, not of the full one. Each pool size is one more compiled loop, and
+    # below ~100 lanes an iteration costs about the same whatever the pool, so small pools keep one.
+    sizes = [L]
+    while sizes[-1] >= 128:
+        sizes.append(sizes[-1] // 8)
+    carry = (lanes0, out, jnp.asarray(0, jnp.int32))
+    for k, size_next in enumerate(sizes[1:] + [None]):
 
-    _, out, _ = jax.lax.while_loop(cond, body, (lanes0, out, jnp.asarray(L, jnp.int32)))
+        def cond(c, size_next=size_next):
+            lane, _, queue = c
+            active = lane["point"] >= 0
+            going = jnp.any(active) | (queue < B)
+            if size_next is None:
+                return going
+            return going & ((queue < B) | (jnp.sum(active) > size_next))
+
+        carry = jax.lax.while_loop(cond, body, carry)
+        if size_next is not None:
+            lane, out, queue = carry
+            active = lane["point"] >= 0
+            keep = jnp.nonzero(active, size=size_next, fill_value=0)[0]
+            filled = jnp.arange(size_next) < jnp.sum(active)
+            lane = jax.tree.map(lambda a: a[keep], lane)
+            lane["point"] = jnp.where(filled, lane["point"], -1)
+            carry = (lane, out, queue)
+    _, out, _ = carry
     return Trajectory(ys=out["ys"], y_end=out["y_end"], t_end=out["t_end"], event=out["event"],
                       success=out["success"], num_steps=out["steps"], num_attempts=out["attempts"])
