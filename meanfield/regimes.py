@@ -40,11 +40,24 @@ def regime_code(rank_one_distance, growth, blown_up, *, collapse_tol: float = 1e
 def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
     """Returns the regime code (int8: 0 collapse, 1 stable, 2 blow-up; names in `REGIMES`) of a finished run.
 
-    Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states.
+    Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states; for a batched
+    solution (a leading axis B) it returns the B codes.
     """
+    import equinox as eqx
+    import jax
+
     from .simulate.gaussian import GaussianSolution
     from .simulate.particles import ParticleSolution
 
+    kw = dict(collapse_tol=collapse_tol, growth_limit=growth_limit)
+    batched = (isinstance(solution, GaussianSolution) and solution.means.ndim == 3) or (
+        isinstance(solution, ParticleSolution) and getattr(solution.xs, "ndim", 0) == 4)
+    if batched:
+        one = eqx.tree_at(lambda s: s.ts, solution, None)
+        if isinstance(solution, ParticleSolution):
+            one = eqx.tree_at(lambda s: s.solution, one, None)
+        return jax.vmap(lambda s: classify(eqx.tree_at(lambda x: x.ts, s, solution.ts, is_leaf=lambda x: x is None),
+                                           **kw))(one)
     if isinstance(solution, GaussianSolution):
         m, S = solution.means[-1], solution.covs[-1]
         r1 = metrics.gaussian_rank_one_distance(m, S)

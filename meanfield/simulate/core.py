@@ -92,6 +92,19 @@ def _clip_floor(t1):
     return jnp.where(t1 > 0, step(bits - 100), jnp.where(t1 < 0, step(bits + 100), below_zero))
 
 
+def _wrapped(field):
+    """The term exactly as `diffeqsolve` hands it to the solver and controller: an ODETerm inside
+    diffrax's time-direction wrapper. (The wrapper matters: with it, the PID controller's initial
+    step for `dt0=None` is diffrax's fixed 0.01 rather than its Hairer-Wanner estimate, so a lane
+    takes the single solve's very steps.)"""
+    term = diffrax.ODETerm(field)
+    try:
+        from diffrax._term import WrapTerm
+    except ImportError:  # a future diffrax without it: same equations, maybe another first step
+        return term
+    return WrapTerm(term, 1)
+
+
 def _is_fsal(solver) -> bool:
     tableau = getattr(solver, "tableau", None)
     return bool(getattr(tableau, "fsal", False)) and isinstance(solver, diffrax.AbstractRungeKutta)
@@ -140,7 +153,7 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
     T = ts.shape[-1]
     floor = _clip_floor(t1)
     controller = controller.wrap(1)
-    terms = diffrax.ODETerm(field)
+    terms = _wrapped(field)
     fsal = _is_fsal(solver)
     jumps = isinstance(controller, diffrax.ClipStepSizeController) and controller.jump_ts is not None
     error_order = solver.error_order(terms)

@@ -39,6 +39,7 @@ from .._linalg import matmul
 from .._types import Cov, Mean
 from ..model.field import gaussian_closure_error, moment_matrices
 from .core import Trajectory, solve, solve_ensemble
+from .particles import split_layer_times, with_layer_times
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
@@ -262,13 +263,16 @@ def _solve(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, thresh
 def _solve_batch(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, threshold, rank_rtol, lanes, tick):
     L0, log_limit = jax.vmap(lambda S: _start(S, threshold, rank_rtol))(S0)
     shared = model.batch_size is None
-    args = {"log_limit": log_limit} if shared else {"log_limit": log_limit, "model": model}
+    per_point, layer_times = split_layer_times(model)
+    args = {"log_limit": log_limit} if shared else {"log_limit": log_limit, "model": per_point}
+
+    def point_model(a):
+        return model if shared else with_layer_times(a["model"], layer_times)
 
     def field(t, y, a):
-        return _factored_field(t, y, {"model": model} if shared else a)
+        return _factored_field(t, y, {"model": point_model(a)})
 
     traj = solve_ensemble(field, (m0, L0), args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
                           max_steps=max_steps, event=_blowup_event, lanes=lanes, on_finish=tick)
-    finish = jax.vmap(_finish, in_axes=(0, None if shared else 0, None, None, None, 0))
-    sol = finish(traj, model, ts, t0, threshold, log_limit)
+    sol = jax.vmap(lambda tr, a: _finish(tr, point_model(a), ts, t0, threshold, a["log_limit"]))(traj, args)
     return eqx.tree_at(lambda s: s.ts, sol, ts)

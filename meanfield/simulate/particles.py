@@ -213,6 +213,21 @@ def simulate_particles(
     )
 
 
+def split_layer_times(model):
+    """(the model without `layer_times`, its `layer_times`): a batch of piecewise models carries its
+    arrays per point and one depth schedule shared by every point."""
+    if model.layer_times is None:
+        return model, None
+    return eqx.tree_at(lambda m: m.layer_times, model, None), model.layer_times
+
+
+def with_layer_times(model, layer_times):
+    """Inverse of `split_layer_times` (inside a lane: the point's arrays and the shared schedule)."""
+    if layer_times is None:
+        return model
+    return eqx.tree_at(lambda m: m.layer_times, model, layer_times, is_leaf=lambda x: x is None)
+
+
 def _blowup_event(blowup_growth):
     """Boolean event on the mean squared token norm: above its limit, or not finite."""
     if blowup_growth is None:
@@ -258,11 +273,13 @@ def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl
     if X0.ndim == 2:
         X0 = jnp.broadcast_to(X0, (model.batch_size,) + X0.shape)
     args = {"limit": jax.vmap(lambda x: _limit(x, blowup_growth))(X0)}
+    per_point, layer_times = split_layer_times(model)
     if not shared:
-        args["model"] = model
+        args["model"] = per_point
 
     def vector_field(t, X, a):
-        return particle_field(t, X, model if shared else a["model"], impl=impl, block_size=block_size)
+        m = model if shared else with_layer_times(a["model"], layer_times)
+        return particle_field(t, X, m, impl=impl, block_size=block_size)
 
     fn = None if save_fn is None else (lambda t, y, args: save_fn(y))
     traj = solve_ensemble(vector_field, X0, args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,
