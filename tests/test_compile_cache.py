@@ -1,0 +1,115 @@
+"""The command line's persistent compilation cache: on by default in its own directory, off with
+MEANFIELD_COMPILE_CACHE=0, a warning (never a traceback) when the directory cannot be written, and
+never turned on by `import meanfield` alone."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import matplotlib
+import pytest
+
+from meanfield.cli import compile_cache
+
+TINY = textwrap.dedent("""
+    name: tiny_cache
+    seed: 0
+    model: {d: 2, beta: 1.0, mlp: two_layer, activation: tanh, norm: sphere}
+    initial: {kind: sphere, n: 4}
+    simulator: {kind: particles, t1: 1.0, n_save: 3}
+    observables: [effective_rank]
+    sweep: {grid: {model.beta: [1.0, 3.0]}}
+    plots: {curves: null}
+""")
+
+
+def _env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEANFIELD_CACHE_DIR", "MEANFIELD_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")  # nothing lands in the real ~/.cache
+    env.setdefault("MPLCONFIGDIR", matplotlib.get_cachedir())  # ... but keep matplotlib's font cache
+    env.update(extra)
+    return env
+
+
+def _run(tmp_path, *args, **env):
+    res = subprocess.run([sys.executable, "-m", "meanfield", "run", *args], cwd=tmp_path, env=_env(tmp_path, **env),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"computed 2 points in \d+\.\d\d s", res.stdout), res.stdout
+    return res
+
+
+def _entries(path):
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same sweep run twice against one cache directory: (cache dir, entries after each run).
+    The compile-time floor is lowered to 0 here so the test does not depend on how fast XLA compiles."""
+    tmp = tmp_path_factory.mktemp("cache_runs")
+    (tmp / "tiny.yaml").write_text(TINY)
+    cache = tmp / "cache"
+    env = dict(MEANFIELD_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    _run(tmp, "tiny.yaml", "--out", str(tmp / "out"), "--quiet", **env)
+    first = _entries(cache)
+    _run(tmp, "tiny.yaml", "--out", str(tmp / "out"), "--overwrite", "--quiet", **env)
+    return cache, first, _entries(cache)
+
+
+def test_run_writes_the_cache_and_reuses_it(two_runs):
+    cache, first, second = two_runs
+    assert first and all(name.endswith(("-cache", "-atime")) for name in first), first
+    # The second run found every program it compiles in the cache: it wrote nothing new.
+    assert second == first
+
+
+def test_the_sweep_program_itself_is_cached(two_runs):
+    """The chunk program (ensemble integrator) has no host callback, so JAX persists it; the second
+    run adds no entry, i.e. it loaded the program instead of compiling it."""
+    cache, first, _ = two_runs
+    assert any(name.startswith("jit_chunk") for name in first), first
+
+
+def test_switched_off(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    cache = tmp_path / "cache"
+    _run(tmp_path, "tiny.yaml", "--out", str(tmp_path / "out"), "--quiet", MEANFIELD_CACHE_DIR=str(cache),
+         MEANFIELD_COMPILE_CACHE="0", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    assert _entries(cache) == []
+    assert not (tmp_path / "xdg" / "meanfield").exists()
+
+
+def test_default_directory_and_config_restored(tmp_path, monkeypatch):
+    for name in ("MEANFIELD_CACHE_DIR", "MEANFIELD_COMPILE_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    before = jax.config.jax_compilation_cache_dir
+    with compile_cache() as path:
+        assert path == tmp_path / "meanfield" / "jax" and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs <= 0.5
+    assert jax.config.jax_compilation_cache_dir == before  # main() called in-process leaves JAX as it found it
+
+
+def test_unwritable_directory_warns_once(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a directory cannot be created under a file, even as root
+    monkeypatch.setenv("MEANFIELD_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.delenv("MEANFIELD_COMPILE_CACHE", raising=False)
+    before = jax.config.jax_compilation_cache_dir
+    with compile_cache() as path:
+        assert path is None
+        assert jax.config.jax_compilation_cache_dir == before
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("warning: compilation cache disabled"), err
+
+
+def test_importing_the_library_leaves_the_cache_off(tmp_path):
+    code = "import jax, meanfield; assert jax.config.jax_compilation_cache_dir is None"
+    res = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
