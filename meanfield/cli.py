@@ -111,7 +111,8 @@ def _cmd_run(args) -> int:
 
     res = run_experiment(_resolve(args.file), out=args.out, overwrite=args.overwrite, quiet=args.quiet)
     print(summary_table(res.dataset))
-    print(f"computed {res.computed} points in {res.seconds:.2f} s; dataset: {res.run_dir / 'results.nc'}")
+    print(f"computed {res.computed} points in {res.seconds:.2f} s (computation {res.compute_seconds:.2f} s, then merge "
+          f"and figures); dataset: {res.run_dir / 'results.nc'}")
     for f in res.figures:
         if f.suffix == ".png":
             print(f"figure: {f}")

@@ -201,8 +201,12 @@ def test_stall_watch_warns_when_no_cpu_is_used(monkeypatch, capsys):
     import meanfield.sweep.run as run_mod
 
     monkeypatch.setattr(run_mod, "STALL_SECONDS", 0.4)
-    with run_mod._StallWatch("demo chunk 3"):
-        time.sleep(1.2)  # sleeping uses no CPU, like a wedged pool
+    # A frozen CPU clock: other threads of this process (XLA's pool finishing earlier tests' work,
+    # the garbage collector) may use a millisecond here and there, which a real wedged pool would not.
+    with monkeypatch.context() as m:
+        m.setattr(run_mod.time, "process_time", lambda: 0.0)
+        with run_mod._StallWatch("demo chunk 3"):
+            time.sleep(1.2)  # sleeping uses no CPU, like a wedged pool
     err = capsys.readouterr().err
     assert "demo chunk 3: no CPU progress" in err and "rerun the same command to resume" in err
     with run_mod._StallWatch("busy"):

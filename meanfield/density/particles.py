@@ -9,12 +9,12 @@ instead of O(n^2), so n = 10^5 tokens take milliseconds per step; it agrees with
 
 from __future__ import annotations
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..simulate.core import solve
 from ..simulate.solvers import make_controller, make_solver, save_times
 from .velocity import _angle_velocity, check_model, kernel_order
 
@@ -47,6 +47,6 @@ def _solve(model, theta0, t0, t1, ts, dt0, solver, controller, max_steps, P, wei
     def field(t, th, args):
         return _angle_velocity(args.at(t), th, P, weights)
 
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(field), solver, t0, t1, dt0, theta0, args=model,
-                              saveat=diffrax.SaveAt(ts=ts), stepsize_controller=controller, max_steps=max_steps)
-    return sol.ys, sol.stats["num_accepted_steps"]
+    traj = solve(field, theta0, model, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
+                 max_steps=max_steps, throw=True)
+    return traj.ys, traj.num_steps

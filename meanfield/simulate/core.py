@@ -60,14 +60,15 @@ def _save_y(t, y, args):
 
 def solve(field: Callable, y0, args, *, t0, t1, ts, solver, controller, dt0=None, max_steps: int,
           event: Callable | None = None, fn: Callable | None = None, dense: bool = False,
-          progress_meter=None) -> Trajectory:
-    """One trajectory of $\\dot y = f(t, y, args)$ through `diffrax.diffeqsolve` (saves at `ts`)."""
+          progress_meter=None, throw: bool = False) -> Trajectory:
+    """One trajectory of $\\dot y = f(t, y, args)$ through `diffrax.diffeqsolve` (saves at `ts`;
+    `throw=True` raises on a failed solve instead of returning `success=False`)."""
     fn = _save_y if fn is None else fn
     saveat = diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts, fn=fn), diffrax.SubSaveAt(t1=True)], dense=dense)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field), solver, t0, t1, dt0, y0, args=args, saveat=saveat,
         event=None if event is None else diffrax.Event(event), stepsize_controller=controller,
-        max_steps=max_steps, throw=False,
+        max_steps=max_steps, throw=throw,
         progress_meter=diffrax.NoProgressMeter() if progress_meter is None else progress_meter,
     )
     ys, y_end = sol.ys

@@ -127,7 +127,7 @@ def simulate_particles(
         t1: final depth. `t0`: initial depth.
         ts: save times (default: `n_save` equally spaced on [t0, t1]).
         solver: `"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"` (adaptive, `rtol`/`atol`; default
-            1e-6/1e-8 in float32, 1e-9/1e-11 in float64), `"rk4"`, `"euler"`, `"heun"`,
+            3e-6/3e-8 in float32, measured above its rounding floor, 1e-9/1e-11 in float64), `"rk4"`, `"euler"`, `"heun"`,
             `"midpoint"` (fixed step `dt0`), or any diffrax solver.
         attention_impl: `"dense"`, `"blocked"` (online softmax, O(n) memory) or `"auto"`
             (dense up to 4096 tokens). `block_size`: tokens per block.

@@ -353,6 +353,9 @@ class RunResult:
     figures: list[Path]
     seconds: float
     computed: int
+    compute_seconds: float = 0.0
+    """Wall time of the computation alone (planning done; chunks computed and written), without
+    the merge and the figures."""
 
 
 STALL_SECONDS = float(os.environ.get("MEANFIELD_STALL_SECONDS", "300"))
@@ -582,7 +585,9 @@ def run_experiment(
     n_done_before = len(done_points(run_dir))
     if n_done_before and not quiet:
         _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
+    t_compute = time.perf_counter()
     computed = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir)
+    compute_seconds = time.perf_counter() - t_compute
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -604,7 +609,7 @@ def run_experiment(
             from .plots import plot_run
 
             figures = plot_run(ds, cfg, run_dir / "figures")
-    return RunResult(ds, run_dir, figures, time.perf_counter() - t_start, computed)
+    return RunResult(ds, run_dir, figures, time.perf_counter() - t_start, computed, compute_seconds)
 
 
 def summary_table(ds: xr.Dataset) -> str:
