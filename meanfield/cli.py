@@ -233,7 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+XLA_SAFE_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+def _avoid_eigen_pool_wedge() -> None:
+    """Run XLA's CPU Eigen work single-threaded unless the user chose otherwise (XLA_FLAGS).
+
+    With the multi-threaded Eigen pool, XLA's CPU runtime can park every worker and never return
+    (0% CPU, reproduced here: the second 8,192-point chunk of a 10^4-point Gaussian sweep, and
+    reported upstream, e.g. PyAutoFit #1530). Measured cost on the ensemble integrator: about 20%
+    on 256 small particle systems, none on moment sweeps. Must run before JAX creates its CPU client.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {XLA_SAFE_FLAG}".strip()
+
+
 def main(argv=None) -> int:
+    _avoid_eigen_pool_wedge()
     import matplotlib
 
     from .sweep.plan import ConfigError

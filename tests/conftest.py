@@ -1,6 +1,15 @@
-"""Shared fixtures: fixed PRNG keys and a float64 switch (jax.enable_x64 scoped to one test)."""
+"""Shared fixtures: fixed PRNG keys and a float64 switch (jax.enable_x64 scoped to one test).
 
-import jax
+XLA's multi-threaded Eigen pool can wedge on CPU (0% CPU forever; see `meanfield.cli`), which would
+hang CI until its time limit; the tests run as the command line does, without it.
+"""
+
+import os
+
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

@@ -112,9 +112,9 @@ def _is_fsal(solver) -> bool:
 
 
 def default_lanes(n_points: int) -> int:
-    """Pool size when none is given: every point when few, else 256 lanes (measured on 2 CPU cores:
-    big enough to amortise the per-iteration cost, small enough that the tail after the queue
-    empties stays short; `benchmarks/bench_ensemble.py`)."""
+    """Pool size when none is given: every point when few, else 256 lanes (on 2 CPU cores 256 lanes
+    of a d = 4 moment field or of 32-token systems amortise the per-iteration cost; the tail after
+    the queue empties runs on a shrunken pool). `lanes=` / `output.lanes` change it."""
     return int(max(1, min(n_points, 256)))
 
 

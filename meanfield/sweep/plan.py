@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import pickle
 import hashlib
 import itertools
 import json
@@ -242,8 +243,9 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
     points, axes = expand_points(cfg)
     base = cfg.model_dump(mode="python", exclude={"sweep"})
     groups: dict[str, dict] = {}
+    base_bytes = pickle.dumps(base)  # a fresh copy per point: unpickling is ~5x faster than deepcopy
     for i, pt in enumerate(points):
-        tree = copy.deepcopy(base)
+        tree = pickle.loads(base_bytes)
         for path, value in pt.items():
             if path.split(".")[0] in ("sweep", "output", "plots", "name"):
                 raise ConfigError(f"{source}: sweep axis `{path}`: only model, initial, simulator, regimes, seed and dtype fields can be swept")
@@ -264,7 +266,7 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
         dumped = point_cfg.model_dump(mode="python")
         traced = tuple(p for p in pt if _is_traced(p, pt[p], point_cfg.simulator.kind,
                                                       point_cfg.simulator.lyapunov is not None))
-        sig_tree = copy.deepcopy(point_cfg.model_dump(mode="json"))
+        sig_tree = point_cfg.model_dump(mode="json")  # a new dict already
         for p in traced:
             set_path(sig_tree, p, None)
         sig = json.dumps([sig_tree, traced], sort_keys=True, default=str)

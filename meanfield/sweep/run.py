@@ -500,7 +500,10 @@ def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc,
         size = n_dev
         _log(f"[{plan.config.name}] low-rank attention, Chebyshev orders {orders} "
              f"({int(np.prod(orders))} features), one point per chunk", quiet)
-    size = min(size, -(-len(todo) // n_dev) * n_dev)  # never pad a small group up to a big chunk
+    # Equal chunks (one compiled shape) that pad by fewer than one point per chunk and device: a last
+    # chunk padded up to the full size would recompute one point thousands of times.
+    n_chunks = -(-len(todo) // size)
+    size = -(-len(todo) // (n_chunks * n_dev)) * n_dev
     computed = 0
     for k, start in enumerate(range(0, len(todo), size)):
         if (chunk_counter + k) % n_proc != proc:

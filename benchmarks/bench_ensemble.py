@@ -1,0 +1,258 @@
+"""The ensemble integrator against a loop of single solves, `jax.vmap` of the single solve, and the floor.
+
+Every ratio comes from one process; the machine's load hits all candidates alike (interleaved rounds,
+median). Workloads (issue #14):
+
+1. 256 consensus systems on S^2: n = 32, d = 3, Q = K = V = I, beta = 1, tokens uniform on the
+   sphere, t1 = 10, tsit5, float32, default tolerances and saves (n_save = 101), one model for all.
+   (i) a Python loop of the single jitted solve, (ii) one `jax.jit(jax.vmap(single))` call,
+   (iii) the batched call `mf.simulate_particles(model, X0 (B, n, d), t1)`, and the floor: one
+   batched field evaluation of the 256 systems, timed, x the stage evaluations the lanes really
+   need (sum over systems of 6 per attempted tsit5 step + 1 for the first stage), / 256.
+2. 10^5 Gaussian-moment points, d = 4 (bench_sweep's family: random Q, K, V, W per seed, beta
+   swept, m0 = 0.2, S0 = 0.5 I, t1 = 4) through `run_experiment` (what `meanfield run` calls),
+   compile, chunk I/O and merge included; the per-point loop of `mf.simulate_gaussian` timed on a
+   subset and extrapolated; the old engine (jit(vmap(point function)) in chunks of 256, lockstep)
+   timed on a subset.
+3. 1,024 particle points (n = 64, d = 8, softmax + GELU MLP, spectral ratio swept log in
+   [0.05, 20], t1 = 5) through `run_experiment`, against the same loop and old engine.
+4. `meanfield run experiments/quickstart.yaml` twice in fresh processes sharing one compilation
+   cache: the second run's computation time (printed by the command) against 3 s.
+
+    python benchmarks/bench_ensemble.py [--quick] [--json PATH] [--skip 2,3,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# As `meanfield run` does (meanfield.cli): XLA's multi-threaded Eigen pool can wedge on CPU. Pass
+# --eigen-threads to measure with it (at the risk of a hang).
+if "--eigen-threads" not in sys.argv and "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import meanfield as mf  # noqa: E402
+from bench_sweep import gaussian_config, loop_gaussian, particle_config  # noqa: E402
+from meanfield.model.field import particle_field  # noqa: E402
+from meanfield.sweep.plan import config_from_dict, make_plan  # noqa: E402
+from meanfield.sweep.run import make_point_function, run_experiment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def median_time(fn, rounds: int) -> float:
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def steps_line(steps) -> str:
+    s = np.asarray(steps)
+    return (f"median {np.median(s):.0f}, p90 {np.percentile(s, 90):.0f}, max {s.max()}, "
+            f"sum {s.sum()} (max x B = {s.max() * s.size}: {s.max() * s.size / s.sum():.2f}x the work)")
+
+
+def consensus(B: int, rounds: int) -> dict:
+    I = jnp.eye(3)
+    model = mf.Model(Q=I, K=I, V=I, norm="sphere")
+    X0 = jax.vmap(lambda k: mf.sphere_uniform(k, 32, 3))(jax.random.split(jax.random.key(0), B))
+    single = jax.jit(lambda x: mf.simulate_particles(model, x, 10.0))
+    vmapped = jax.jit(jax.vmap(lambda x: mf.simulate_particles(model, x, 10.0)))
+    batched = jax.jit(lambda x: mf.simulate_particles(model, x, 10.0))
+    # The floor's field evaluation is timed inside a compiled loop (20 evaluations, each feeding the
+    # next), as the solvers run it, so it is compiled the way the solvers' stages are.
+    reps = 20
+    field = jax.jit(lambda X: jax.lax.fori_loop(
+        0, reps, lambda i, Y: Y + 1e-3 * jax.vmap(lambda x: particle_field(0.0, x, model))(Y), X))
+    for f in (single, ):
+        jax.block_until_ready(f(X0[0]))
+    for f in (vmapped, batched, field):
+        jax.block_until_ready(f(X0))
+    loop = lambda: [single(X0[i]).xs for i in range(B)]  # noqa: E731
+    t = {"loop": [], "vmap": [], "ensemble": [], "field": []}
+    for _ in range(rounds):  # interleaved rounds: load hits every candidate alike
+        for name, fn in (("loop", loop), ("vmap", lambda: vmapped(X0).xs), ("ensemble", lambda: batched(X0).xs),
+                         ("field", lambda: field(X0))):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            t[name].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    med["field"] /= reps
+    sol = batched(X0)
+    vsol = vmapped(X0)
+    single_steps = np.array([int(single(X0[i]).num_steps) for i in range(B)])
+    attempts = np.asarray(jax.vmap(lambda x: mf.simulate_particles(model, x, 10.0).solution.stats["num_steps"])(X0))
+    evals = int(attempts.sum()) * 6 + B
+    floor = med["field"] / B * evals
+    out = {
+        "workload": f"{B} consensus systems n=32 d=3",
+        "loop_ms_per_system": 1e3 * med["loop"] / B, "vmap_ms_per_system": 1e3 * med["vmap"] / B,
+        "ensemble_ms_per_system": 1e3 * med["ensemble"] / B, "floor_ms_per_system": 1e3 * floor / B,
+        "field_us_per_system": 1e6 * med["field"] / B, "stage_evals": evals,
+        "steps": steps_line(single_steps),
+        "ensemble_equals_single_steps": float(np.mean(np.asarray(sol.num_steps) == single_steps)),
+        "max_abs_diff_vs_vmap": float(jnp.max(jnp.abs(sol.xs - vsol.xs))),
+    }
+    out["ensemble_over_loop"] = out["ensemble_ms_per_system"] / out["loop_ms_per_system"]
+    out["ensemble_over_floor"] = out["ensemble_ms_per_system"] / out["floor_ms_per_system"]
+    print(f"\n== 1. {out['workload']}, t1 = 10, tsit5, float32 (rtol/atol {mf.simulate.solvers.default_tolerances(jnp.float32)})")
+    print(f"   steps per system: {out['steps']}")
+    print(f"   loop of single solves   {out['loop_ms_per_system']:8.3f} ms/system")
+    print(f"   jit(vmap(single))       {out['vmap_ms_per_system']:8.3f} ms/system  ({out['vmap_ms_per_system'] / out['loop_ms_per_system']:.2f}x the loop)")
+    print(f"   ensemble (batched call) {out['ensemble_ms_per_system']:8.3f} ms/system  ({out['ensemble_over_loop']:.2f}x the loop)")
+    print(f"   floor                   {out['floor_ms_per_system']:8.3f} ms/system  ({out['field_us_per_system']:.2f} us per "
+          f"system-evaluation x {evals / B:.0f} stage evaluations per system)")
+    print(f"   lanes taking their single solve's step count: {100 * out['ensemble_equals_single_steps']:.0f}%; "
+          f"max |ensemble - vmap| = {out['max_abs_diff_vs_vmap']:.1e}")
+    print(f"   target ensemble <= 0.5x loop: {out['ensemble_over_loop']:.2f}x  {verdict(out['ensemble_over_loop'] <= 0.5)}")
+    print(f"   target ensemble <= 2x floor:  {out['ensemble_over_floor']:.2f}x  {verdict(out['ensemble_over_floor'] <= 2.0)}")
+    return out
+
+
+PARTICLE_MAX_STEPS = 5000
+"""Attempted steps per particle point in workload 3 (loop, old engine and ensemble alike). Some points
+of that sweep (large spectral ratio) never finish: the tokens grow until the softmax saturates and the
+controller rejects step after step; with the sweep default of 16,384 they alone take minutes."""
+
+
+def loop_particles(points) -> None:
+    """bench_sweep's particle loop with workload 3's step budget."""
+    d, n = 8, 64
+    for rho, seed in points:
+        key = jax.random.key(seed)
+        model = mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho)
+        X0 = mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d))
+        sol = mf.simulate_particles(model, X0, 5.0, n_save=11, max_steps=PARTICLE_MAX_STEPS)
+        float(mf.metrics.effective_rank(sol.xs[-1]))
+        int(mf.classify(sol))
+
+
+def old_engine_rate(raw: dict, n_points: int) -> float:
+    """Points/s of the previous engine: jit(vmap(point function)) over chunks of 256 (lockstep lanes)."""
+    cfg = config_from_dict(raw)
+    plan = make_plan(cfg, source="bench")
+    g = plan.groups[0]
+    fn = jax.jit(jax.vmap(make_point_function(cfg, g.traced_paths)))
+    size = min(256, n_points)
+    rng = np.random.default_rng(1)
+    sel = rng.choice(len(g.indices), size=n_points, replace=False)
+
+    def chunk(idx):
+        vals = {p: np.asarray(v)[idx] for p, v in g.values.items()}
+        vals["__point__"] = g.indices[idx]
+        return fn(vals)
+
+    jax.block_until_ready(chunk(sel[:size]))  # compile
+    t0 = time.perf_counter()
+    for s in range(0, n_points, size):
+        jax.block_until_ready(chunk(sel[s:s + size]))
+    return n_points / (time.perf_counter() - t0)
+
+
+def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run_experiment(config_from_dict(raw), out=Path(tmp) / "run", quiet=True, plots=False)
+        engine_s = time.perf_counter() - t0
+        assert res.dataset.sizes["point"] == n_points
+        regimes = np.bincount(res.dataset["regime"].values.astype(int), minlength=3)
+    loop_fn(loop_points[:1])  # the loop's compile is not counted against it
+    t0 = time.perf_counter()
+    loop_fn(loop_points)
+    loop_rate = len(loop_points) / (time.perf_counter() - t0)
+    old_rate = old_engine_rate(raw, old_points)
+    rate = n_points / engine_s
+    out = {"workload": label, "points": n_points, "engine_s": engine_s, "engine_points_per_s": rate,
+           "loop_points_per_s": loop_rate, "loop_points_timed": len(loop_points), "old_engine_points_per_s": old_rate,
+           "old_engine_points_timed": old_points, "ratio_vs_loop": rate / loop_rate, "target": target,
+           "regimes": {"collapse": int(regimes[0]), "stable": int(regimes[1]), "blowup": int(regimes[2])}}
+    print(f"\n== {label}: {n_points} points through run_experiment (compile, chunk I/O, merge included)")
+    print(f"   regimes: {out['regimes']}")
+    print(f"   engine (ensemble)    {engine_s:9.2f} s   {rate:10.1f} points/s")
+    print(f"   loop of library calls               {loop_rate:10.1f} points/s (timed on {len(loop_points)} points, extrapolated)")
+    print(f"   old engine jit(vmap), chunks of 256 {old_rate:10.1f} points/s (timed on {old_points} points, compile excluded)")
+    print(f"   target >= {target:g}x the loop: {rate / loop_rate:.1f}x  {verdict(rate / loop_rate >= target)}  "
+          f"(vs old engine: {rate / old_rate:.1f}x)")
+    return out
+
+
+def quickstart_twice() -> dict:
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as tmp:
+        env["MEANFIELD_CACHE_DIR"] = str(Path(tmp) / "cache")
+        secs, walls = [], []
+        for i in range(2):
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-m", "meanfield", "run", str(ROOT / "experiments" / "quickstart.yaml"),
+                                  "--out", str(Path(tmp) / "run"), "--overwrite", "--quiet"],
+                                 env=env, capture_output=True, text=True, timeout=900)
+            walls.append(time.perf_counter() - t0)
+            assert res.returncode == 0, res.stderr[-2000:]
+            m = re.search(r"computation ([\d.]+) s", res.stdout)
+            secs.append(float(m.group(1)) if m else float("nan"))
+    out = {"first_computation_s": secs[0], "second_computation_s": secs[1], "first_wall_s": walls[0],
+           "second_wall_s": walls[1]}
+    print("\n== 4. meanfield run experiments/quickstart.yaml, twice, one compilation cache")
+    print(f"   first run:  computation {secs[0]:.2f} s, process wall {walls[0]:.2f} s")
+    print(f"   second run: computation {secs[1]:.2f} s, process wall {walls[1]:.2f} s (imports, plots and the "
+          f"merge are outside the computation)")
+    print(f"   target second-run computation <= 3 s: {verdict(secs[1] <= 3.0)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="10^4 Gaussian and 256 particle points, fewer rounds")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--skip", default="", help="comma-separated workload numbers to skip")
+    ap.add_argument("--eigen-threads", action="store_true", help="keep XLA's multi-threaded Eigen pool (may hang)")
+    args = ap.parse_args()
+    skip = {int(s) for s in args.skip.split(",") if s}
+    rng = np.random.default_rng(0)
+    print(f"jax {jax.__version__} on {jax.devices()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+          f"load average {os.getloadavg()}")
+    rows = []
+    if 1 not in skip:
+        rows.append(consensus(256, 3 if args.quick else 7))
+    if 2 not in skip:
+        n_beta, n_seed, g_loop, g_old = (100, 100, 100, 1024) if args.quick else (1000, 100, 200, 2048)
+        pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, g_loop), rng.integers(0, n_seed, g_loop))]
+        rows.append(sweep("2. Gaussian d=4", gaussian_config(n_beta, n_seed), n_beta * n_seed, loop_gaussian, pts,
+                          g_old, 30.0))
+    if 3 not in skip:
+        n_rho, n_seed, p_loop, p_old = (16, 16, 32, 256) if args.quick else (32, 32, 64, 512)
+        pts = [(float(r), int(s)) for r, s in zip(np.exp(rng.uniform(np.log(0.05), np.log(20), p_loop)),
+                                                   rng.integers(0, n_seed, p_loop))]
+        raw = particle_config(n_rho, n_seed)
+        raw["simulator"]["max_steps"] = PARTICLE_MAX_STEPS
+        rows.append(sweep(f"3. particles n=64 d=8 (max_steps {PARTICLE_MAX_STEPS})", raw, n_rho * n_seed,
+                          loop_particles, pts, p_old, 2.0))
+    if 4 not in skip:
+        rows.append(quickstart_twice())
+    print(f"\nload average at the end {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
