@@ -206,6 +206,12 @@ def _solver_kwargs(s: dict) -> dict:
                 max_steps=s["max_steps"])
 
 
+def _group_context(cfg: ExperimentConfig):
+    """(base config tree, dtype, observable names, simulator, regimes, d) of a particle/Gaussian group."""
+    return (cfg.model_dump(mode="python", exclude={"sweep"}), _dtype(cfg), cfg.observable_names(), cfg.simulator,
+            cfg.regimes, cfg.model.d)
+
+
 def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, attention_orders=None):
     """The per-point function `numbers -> outputs` for one group (unbatched). `make_chunk_function`
     runs a whole chunk through the ensemble integrator instead; this one is what the low-rank
@@ -213,12 +219,7 @@ def make_point_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, a
     reference the batched path is tested against."""
     if cfg.simulator.kind == "shaped_sde":
         return _shaped_point_function(cfg, traced_paths)
-    base = cfg.model_dump(mode="python", exclude={"sweep"})
-    dtype = _dtype(cfg)
-    names = cfg.observable_names()
-    sim = cfg.simulator
-    reg = cfg.regimes
-    d = cfg.model.d
+    base, dtype, names, sim, reg, d = _group_context(cfg)
 
     def point(values):
         tree, model, ikey = _point_model(base, traced_paths, values, dtype)
@@ -254,12 +255,7 @@ def make_chunk_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, l
     its own; finished points are replaced from the chunk's queue), then the observables of the saved
     states. Particles and Gaussian moments; the numbers equal `make_point_function`'s up to the
     rounding of batched arithmetic. Lyapunov exponents (a QR solve of their own) stay vmapped."""
-    base = cfg.model_dump(mode="python", exclude={"sweep"})
-    dtype = _dtype(cfg)
-    names = cfg.observable_names()
-    sim = cfg.simulator
-    reg = cfg.regimes
-    d = cfg.model.d
+    base, dtype, names, sim, reg, d = _group_context(cfg)
     s = base["simulator"]
     if "simulator.t1" in traced_paths:  # per-point depth: the batch shares one t1
         raise ConfigError("sweeping simulator.t1 runs the per-point path")
