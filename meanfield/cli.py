@@ -239,10 +239,12 @@ XLA_SAFE_FLAG = "--xla_cpu_multi_thread_eigen=false"
 def _avoid_eigen_pool_wedge() -> None:
     """Run XLA's CPU Eigen work single-threaded unless the user chose otherwise (XLA_FLAGS).
 
-    With the multi-threaded Eigen pool, XLA's CPU runtime can park every worker and never return
-    (0% CPU, reproduced here: the second 8,192-point chunk of a 10^4-point Gaussian sweep, and
-    reported upstream, e.g. PyAutoFit #1530). Measured cost on the ensemble integrator: about 20%
-    on 256 small particle systems, none on moment sweeps. Must run before JAX creates its CPU client.
+    XLA's CPU runtime can park every worker and never return (0% CPU; reported upstream with this
+    flag as the remedy, e.g. PyAutoFit #1530). Here: large Gaussian sweeps (chunks of ~8,000 points)
+    hung in 2 of 2 runs with the multi-threaded pool and in 1 of 3 with this flag, so it lowers the
+    risk without removing it; the sweep's stall watch names the remedy (stop and rerun: finished
+    chunks are kept). Measured cost on the ensemble integrator: about 20% on 256 small particle
+    systems, none on moment sweeps. Must run before JAX creates its CPU client.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:
