@@ -52,12 +52,9 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
     kw = dict(collapse_tol=collapse_tol, growth_limit=growth_limit)
     batched = (isinstance(solution, GaussianSolution) and solution.means.ndim == 3) or (
         isinstance(solution, ParticleSolution) and getattr(solution.xs, "ndim", 0) == 4)
-    if batched:
-        one = eqx.tree_at(lambda s: s.ts, solution, None)
-        if isinstance(solution, ParticleSolution):
-            one = eqx.tree_at(lambda s: s.solution, one, None)
-        return jax.vmap(lambda s: classify(eqx.tree_at(lambda x: x.ts, s, solution.ts, is_leaf=lambda x: x is None),
-                                           **kw))(one)
+    if batched:  # the shared save times broadcast to every point, then one classify per point
+        ts = jnp.broadcast_to(solution.ts, solution.success.shape + solution.ts.shape)
+        return jax.vmap(lambda s: classify(s, **kw))(eqx.tree_at(lambda s: s.ts, solution, ts))
     if isinstance(solution, GaussianSolution):
         m, S = solution.means[-1], solution.covs[-1]
         r1 = metrics.gaussian_rank_one_distance(m, S)

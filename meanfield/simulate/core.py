@@ -28,7 +28,6 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class Trajectory(eqx.Module):
@@ -294,7 +293,7 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
     while sizes[-1] >= 128:
         sizes.append(sizes[-1] // 8)
     carry = (lanes0, out, jnp.asarray(0, jnp.int32))
-    for k, size_next in enumerate(sizes[1:] + [None]):
+    for size_next in sizes[1:] + [None]:
 
         def cond(c, size_next=size_next):
             lane, _, queue = c

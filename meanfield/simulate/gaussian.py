@@ -30,7 +30,6 @@ at the last time reached.
 
 from __future__ import annotations
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -184,8 +183,6 @@ def simulate_gaussian(
             None if dt0 is None else jnp.asarray(dt0, model.dtype), solver_obj, controller,
             max_steps, blowup_threshold, rank_rtol)
     if sizes:
-        if B is not None and model.layer_times is not None and model.layer_times.ndim > 1:
-            raise ValueError("simulate_gaussian: a batch of piecewise models must share one `layer_times`.")
         n = sizes.pop()
         m0 = jnp.broadcast_to(m0, (n, d))
         S0 = jnp.broadcast_to(S0, (n, d, d))
@@ -203,7 +200,10 @@ def _factored_field(t, y, args):
 
 
 def _blowup_event(t, y, args, **kwargs):
-    """tr S = |L|_F^2 above its limit (or not finite): stop at the end of this step."""
+    """tr S = |L|_F^2 above its limit (or not finite): stop at the end of this step.
+
+    A boolean event with no root finder: the Riccati extrapolation in `_finish` is accurate wherever
+    we stop, and a root finder would run in every lane."""
     m, L = y
     log_tr = jnp.log(jnp.sum(L * L) + jnp.finfo(L.dtype).tiny)
     return (log_tr > args["log_limit"]) | ~jnp.isfinite(log_tr)
@@ -244,10 +244,6 @@ def _finish(traj: Trajectory, model, ts, t0, threshold, log_limit) -> GaussianSo
         ts=ts, means=means, covs=covs, valid=valid, blowup_time=blowup.astype(ts.dtype),
         t_end=t_end, success=~failed | collapsed, num_steps=traj.num_steps,
     )
-
-
-# A boolean event (stop at the end of the crossing step) with no root finder: the Riccati
-# extrapolation in `_finish` is accurate wherever we stop, and a root finder would run in every lane.
 
 
 @eqx.filter_jit

@@ -181,8 +181,6 @@ def simulate_particles(
                 "simulate_particles: a batched call uses the direct attention sum; the low-rank path "
                 "(attention_method='lowrank' / attention_orders) runs one point at a time."
             )
-        if B is not None and model.layer_times is not None and model.layer_times.ndim > 1:
-            raise ValueError("simulate_particles: a batch of piecewise models must share one `layer_times` (pass it unbatched).")
         orders = None
     elif attention_orders is not None:
         orders = tuple(int(o) for o in attention_orders)
@@ -218,6 +216,8 @@ def split_layer_times(model):
     arrays per point and one depth schedule shared by every point."""
     if model.layer_times is None:
         return model, None
+    if model.layer_times.ndim > 1:
+        raise ValueError("a batch of piecewise models must share one `layer_times` (pass it unbatched).")
     return eqx.tree_at(lambda m: m.layer_times, model, None), model.layer_times
 
 
