@@ -5,8 +5,10 @@
     meanfield plot RUN_DIR
     meanfield list
 
-Exit status 0 on success, 2 for a bad experiment file or output directory (one message naming
-the file and field), 1 for anything else.
+Exit status 0 on success, 2 for a bad experiment file, input file or output directory (one
+message naming the file and field; nothing is written), 1 for a failure while running (e.g. a
+full disk: one line naming the path; finished chunks are kept), 130 after Ctrl-C (one line saying
+how to resume).
 
 The commands that compute (`run`, `figures NAME`, `weights`) turn on JAX's persistent compilation
 cache, so a second run of the same experiment can load its compiled programs from disk instead of
@@ -131,13 +133,27 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from .sweep.plan import config_from_dict
+    from .sweep.plan import ConfigError, config_from_dict
     from .sweep.plots import plot_run
     from .sweep.store import load_run
     import yaml
 
+    import warnings
+
+    from .sweep.store import IncompleteRunWarning
+
     run_dir = Path(args.run_dir)
-    ds = load_run(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteRunWarning)
+        try:
+            ds = load_run(run_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if "incomplete" in ds.attrs:
+        raise ConfigError(f"{run_dir}: the run is incomplete ({ds.attrs['incomplete']}); finish it with "
+                          f"`meanfield run {run_dir / 'config.yaml'} --out {run_dir}`, then plot")
+    if "config_yaml" not in ds.attrs:
+        raise ConfigError(f"{run_dir}: not a meanfield results file (no config_yaml attribute)")
     cfg = config_from_dict(yaml.safe_load(ds.attrs["config_yaml"]), source=str(run_dir / "config.yaml"), check_files=False)
     for f in plot_run(ds, cfg, run_dir / "figures"):
         print(f"figure: {f}")
@@ -251,6 +267,21 @@ def _avoid_eigen_pool_wedge() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_SAFE_FLAG}".strip()
 
 
+def _os_error_line(exc: OSError) -> str:
+    """'cannot write PATH: REASON' from an OSError, including HDF5's multi-line ones (errno = 28, filename = '...')."""
+    import re
+
+    text = " ".join(str(exc).split())
+    errno = exc.errno
+    if errno is None and (m := re.search(r"errno = (\d+)", text)):
+        errno = int(m[1])
+    path = exc.filename
+    if path is None and (m := re.search(r"filename = '([^']+)'", text)):
+        path = m[1]
+    reason = os.strerror(errno) if errno else text[:200]
+    return f"cannot write or read {path}: {reason}" if path else f"input/output error: {reason}"
+
+
 def main(argv=None) -> int:
     _avoid_eigen_pool_wedge()
     import matplotlib
@@ -269,6 +300,18 @@ def main(argv=None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        from .sweep.run import RunInterrupted
+
+        if isinstance(exc, RunInterrupted):
+            print(f"\ninterrupted: {exc.done} of {exc.total} points are saved in {exc.run_dir}; run the same "
+                  "command again to resume", file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, read-only or vanished output: the path and the reason, one line
+        print(f"error: {_os_error_line(exc)}; finished chunks (if any) are kept", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

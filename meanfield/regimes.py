@@ -1,12 +1,14 @@
-r"""Label a run: collapse, stable, or blow-up.
+r"""Label a run: collapse, stable, blow-up, or failed.
 
 Thresholds (keyword arguments, documented defaults):
 
-- **blow-up** (code 2): the Gaussian solve hit its blow-up event (`blowup_time < inf`) or failed,
-  or for particles the solve stopped at its blow-up event, or the token scale grew by more than
-  `growth_limit` (default 1e6: $\mathrm{rms}|x|(T)/\mathrm{rms}|x|(0) > 10^6$) or became
-  non-finite. A particle solve that failed otherwise (max_steps: e.g. a saturated softmax making
-  the field nonsmooth) is judged on its last reached save; its `success` flag says so.
+- **blow-up** (code 2): the solve stopped at its blow-up event (the Gaussian moments' exact
+  `blowup_time < inf`, or the particles' growth event), or the token scale grew by more than
+  `growth_limit` (default 1e6: $\mathrm{rms}|x|(T)/\mathrm{rms}|x|(0) > 10^6$) with finite values.
+- **failed** (code 3): the solve neither reached t1 nor a blow-up event (max_steps: e.g. a fixed
+  step too small for t1, or a saturated softmax making the field nonsmooth), or its final state is
+  not finite. A failure is a recorded fact about the numerics, never a regime of the dynamics: its
+  observables are NaN in a sweep, and `success` is 0.
 - **collapse** (code 0): otherwise, if the final state is within `collapse_tol` (default 1e-2) of
   rank one: particles `rank_one_distance(X_T)` $=\sqrt{1 - s_1^2/\sum s^2}$, moments the same
   quantity for $G = mm^\top + S$. Consensus (all tokens equal) is a special case.
@@ -25,20 +27,25 @@ import jax.numpy as jnp
 
 from . import metrics
 
-REGIMES = ("collapse", "stable", "blowup")
-COLLAPSE, STABLE, BLOWUP = 0, 1, 2
+REGIMES = ("collapse", "stable", "blowup", "failed")
+COLLAPSE, STABLE, BLOWUP, FAILED = 0, 1, 2, 3
 
 
-def regime_code(rank_one_distance, growth, blown_up, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
-    """The regime code from final observables (vectorised; any broadcastable shapes)."""
+def regime_code(rank_one_distance, growth, blown_up, *, failed=False, collapse_tol: float = 1e-2,
+                growth_limit: float = 1e6):
+    """The regime code from final observables (vectorised; any broadcastable shapes).
+
+    A blow-up event wins; otherwise a failed solve (`failed`) or a non-finite final observable is
+    FAILED; otherwise growth above `growth_limit` is BLOWUP, then the collapse test."""
     rank_one_distance = jnp.asarray(rank_one_distance)
     growth = jnp.asarray(growth)
-    blown = jnp.asarray(blown_up) | (growth > growth_limit) | ~jnp.isfinite(growth) | ~jnp.isfinite(rank_one_distance)
-    return jnp.where(blown, BLOWUP, jnp.where(rank_one_distance < collapse_tol, COLLAPSE, STABLE))
+    bad = jnp.asarray(failed) | ~jnp.isfinite(growth) | ~jnp.isfinite(rank_one_distance)
+    code = jnp.where(growth > growth_limit, BLOWUP, jnp.where(rank_one_distance < collapse_tol, COLLAPSE, STABLE))
+    return jnp.where(jnp.asarray(blown_up), BLOWUP, jnp.where(bad, FAILED, code))
 
 
 def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
-    """Returns the regime code (int8: 0 collapse, 1 stable, 2 blow-up; names in `REGIMES`) of a finished run.
+    """Returns the regime code (0 collapse, 1 stable, 2 blow-up, 3 failed; names in `REGIMES`) of a finished run.
 
     Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states; for a batched
     solution (a leading axis B) it returns the B codes.
@@ -58,8 +65,9 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
     if isinstance(solution, GaussianSolution):
         m, S = solution.means[-1], solution.covs[-1]
         r1 = metrics.gaussian_rank_one_distance(m, S)
-        blown = jnp.isfinite(solution.blowup_time) | ~solution.success
-        return regime_code(r1, jnp.ones_like(r1), blown, collapse_tol=collapse_tol, growth_limit=growth_limit)
+        blown = jnp.isfinite(solution.blowup_time)
+        return regime_code(r1, jnp.ones_like(r1), blown, failed=~solution.success, collapse_tol=collapse_tol,
+                           growth_limit=growth_limit)
     if isinstance(solution, ParticleSolution):
         xs = solution.xs
         if not hasattr(xs, "ndim") or xs.ndim != 3:
@@ -67,10 +75,12 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
                 "classify: the ParticleSolution saved observables, not tokens; call "
                 "`regime_code(rank_one_distance, growth, blown_up)` with the saved values instead."
             )
+        # A blow-up event stops the solve early: judge it on its last reached save; otherwise on X(t1).
         reached = jnp.all(jnp.isfinite(xs), axis=(-2, -1))
-        last = jnp.max(jnp.where(reached, jnp.arange(xs.shape[0]), 0))
+        last = jnp.where(solution.blown_up, jnp.max(jnp.where(reached, jnp.arange(xs.shape[0]), 0)), xs.shape[0] - 1)
         XT, X0 = xs[last], xs[0]
         growth = metrics.rms_norm(XT) / jnp.maximum(metrics.rms_norm(X0), jnp.finfo(XT.dtype).tiny)
         r1 = metrics.rank_one_distance(XT)
-        return regime_code(r1, growth, solution.blown_up, collapse_tol=collapse_tol, growth_limit=growth_limit)
+        return regime_code(r1, growth, solution.blown_up, failed=~solution.success, collapse_tol=collapse_tol,
+                           growth_limit=growth_limit)
     raise TypeError(f"classify: expected a GaussianSolution or ParticleSolution; got {type(solution).__name__}.")

@@ -45,7 +45,7 @@ def test_sweep_matches_direct_library_calls(tmp_path):
     assert set(ds.data_vars) >= {"effective_rank", "mean_cosine", "regime", "blowup_time", "success", "t"}
     for name in ("config_yaml", "config_hash", "meanfield_version", "jax_version", "devices", "git_commit"):
         assert name in ds.attrs
-    assert ds["effective_rank"].attrs["long_name"] and ds["regime"].attrs["flag_meanings"] == "collapse stable blowup"
+    assert ds["effective_rank"].attrs["long_name"] and ds["regime"].attrs["flag_meanings"] == "collapse stable blowup failed"
     # Point (beta=3, seed=2), rebuilt by hand with the documented seeding.
     i = int(np.flatnonzero((ds["model.beta"].values == 3.0) & (ds["seed"].values == 2))[0])
     key = jax.random.key(2)

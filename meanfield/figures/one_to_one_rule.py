@@ -297,7 +297,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
     for norm, sc in dscores.items():
         print(f"  {norm}: " + "; ".join(f"{k} {v:+.2f}" for k, v in sc.items()))
 
-    colors = {"collapse": "tab:purple", "stable": "tab:green", "blowup": "tab:red"}
+    colors = {"collapse": "tab:purple", "stable": "tab:green", "blowup": "tab:red", "failed": "0.6"}
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     for col, nm in enumerate(("sphere", "none")):
         ax = axes[0, col]

@@ -41,8 +41,13 @@ GAUSSIAN_OBSERVABLES = (
 )
 
 
+DEFAULT_MAX_POINTS = 1_000_000
+"""`output.max_points`: a sweep larger than this is refused before any point is expanded."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and inf are never valid inputs: a NaN weight would run and be labelled a regime.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Eye(_Strict):
@@ -127,7 +132,30 @@ class InitialConfig(_Strict):
             raise ValueError("path: required when kind is 'file'")
         if isinstance(self.cov, float) and self.cov < 0:
             raise ValueError(f"cov: a scalar covariance must be >= 0; got {self.cov}")
+        if isinstance(self.cov, Eye) and self.cov.eye < 0:
+            raise ValueError(f"cov: {{eye: a}} must have a >= 0; got {self.cov.eye}")
+        if isinstance(self.cov, Diag) and min(self.cov.diag) < 0:
+            raise ValueError(f"cov: a covariance's diagonal must be >= 0; got {self.cov.diag}")
+        if isinstance(self.cov, list):
+            _check_covariance(self.cov)
         return self
+
+
+def _check_covariance(rows: list[list[float]]) -> None:
+    """An explicit covariance must be symmetric and positive semidefinite (it is never "repaired")."""
+    import numpy as np
+
+    if not rows or any(len(r) != len(rows) for r in rows):
+        raise ValueError(f"cov: an explicit covariance must be square; got {len(rows)} rows of lengths "
+                         f"{sorted({len(r) for r in rows})}")
+    S = np.asarray(rows, dtype=np.float64)
+    scale = max(float(np.max(np.abs(S))), np.finfo(np.float64).tiny)
+    asym = float(np.max(np.abs(S - S.T)))
+    if asym > 1e-12 * scale:
+        raise ValueError(f"cov: not symmetric (largest |S - S^T| entry {asym:.3g})")
+    lam = float(np.linalg.eigvalsh(S)[0])
+    if lam < -1e-12 * scale * len(rows):
+        raise ValueError(f"cov: not positive semidefinite (smallest eigenvalue {lam:.3g})")
 
 
 class ShapedConfig(_Strict):
@@ -163,6 +191,9 @@ class LyapunovConfig(_Strict):
     dt0: float = Field(0.05, gt=0, description="step of a fixed-step tangent solver")
 
 
+FIXED_STEP_SOLVERS = ("rk4", "euler", "heun", "midpoint")
+
+
 class SimulatorConfig(_Strict):
     kind: Literal["particles", "gaussian", "shaped_sde"] = "particles"
     t1: float = Field(10.0, gt=0, description="final depth")
@@ -182,8 +213,14 @@ class SimulatorConfig(_Strict):
 
     @model_validator(mode="after")
     def _fixed_step(self):
-        if self.solver in ("rk4", "euler", "heun", "midpoint") and self.dt0 is None:
-            raise ValueError(f"dt0: the fixed-step solver {self.solver!r} needs a step size")
+        if self.solver in FIXED_STEP_SOLVERS:
+            if self.dt0 is None:
+                raise ValueError(f"dt0: the fixed-step solver {self.solver!r} needs a step size")
+            needed = math.ceil(self.t1 / self.dt0 - 1e-9)
+            if self.kind != "shaped_sde" and needed > self.max_steps:
+                raise ValueError(f"max_steps: the fixed-step solver {self.solver!r} with dt0 = {self.dt0:g} needs "
+                                 f"{needed} steps to reach t1 = {self.t1:g}; max_steps is {self.max_steps} "
+                                 "(raise max_steps or dt0)")
         return self
 
 
@@ -212,6 +249,18 @@ class RangeSpec(_Strict):
 
 
 AxisSpec = Annotated[LinSpec | LogSpec | RangeSpec | list[Any], Field(union_mode="left_to_right")]
+
+
+def axis_length(spec) -> int:
+    """The number of values of one sweep axis, without making them (a 10^11-point axis costs nothing)."""
+    if isinstance(spec, (LinSpec, LogSpec)):
+        return max(0, (spec.lin if isinstance(spec, LinSpec) else spec.log)[2])
+    if isinstance(spec, RangeSpec):
+        start, stop, step = spec.range
+        if step == 0:
+            raise ValueError("range step must be non-zero")
+        return max(0, math.ceil((stop - start) / step))
+    return len(spec)
 
 
 def axis_values(spec) -> list:
@@ -243,9 +292,9 @@ class SweepConfig(_Strict):
     def _axes(self):
         for section in ("grid", "zip"):
             for path, spec in getattr(self, section).items():
-                if len(axis_values(spec)) == 0:
+                if axis_length(spec) == 0:
                     raise ValueError(f"{section}.{path}: the axis has no values")
-        lengths = {p: len(axis_values(s)) for p, s in self.zip.items()}
+        lengths = {p: axis_length(s) for p, s in self.zip.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"zip: every zipped axis must have the same length; got {lengths}")
         seen: dict[str, str] = {}
@@ -256,16 +305,31 @@ class SweepConfig(_Strict):
                 seen[p] = section
         return self
 
+    def n_points(self) -> int:
+        """grid product x zip length x explicit points, counted from the axis sizes alone."""
+        n = math.prod(axis_length(s) for s in self.grid.values())
+        if self.zip:
+            n *= axis_length(next(iter(self.zip.values())))
+        return n * max(1, len(self.points))
+
+    def axis_names(self) -> list[str]:
+        """Every swept path: grid, zip, explicit points' keys, derived."""
+        names = list(self.grid) + list(self.zip)
+        for p in self.points:
+            names += [k for k in p if k not in names]
+        return names + [k for k in self.derived if k not in names]
+
 
 class RegimeMapPlot(_Strict):
     x: str
     y: str
-    observable: str = "effective_rank"
+    observable: str | None = Field(None, description="annotated final value (default: effective_rank if recorded, "
+                                                     "else the first recorded observable)")
     facet: str | None = Field(None, description="a third axis: one panel per value")
 
 
 class CurvesPlot(_Strict):
-    observable: str = "effective_rank"
+    observable: str | None = Field(None, description="default: effective_rank if recorded, else the first recorded")
     hue: str | None = None
 
 
@@ -280,6 +344,8 @@ class OutputConfig(_Strict):
     chunk_size: int | None = Field(None, ge=1, description="points per compiled batch (default: from the memory budget)")
     memory_budget_gb: float = Field(2.0, gt=0)
     lanes: int | None = Field(None, ge=1, description="ensemble integrator lanes per device (default: min(chunk, 256))")
+    max_points: int = Field(DEFAULT_MAX_POINTS, ge=1, description="refuse sweeps with more points (counted before "
+                                                                  "anything is expanded)")
 
 
 class ExperimentConfig(_Strict):
@@ -300,6 +366,11 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _consistency(self):
         sim, model, init = self.simulator, self.model, self.initial
+        n = self.sweep.n_points()
+        if n > self.output.max_points:
+            raise ValueError(f"sweep: {n:,} points is more than output.max_points = {self.output.max_points:,}; "
+                             "raise output.max_points if you mean it")
+        self._check_plots()
         if sim.kind == "shaped_sde":
             if self.shaped is None:
                 raise ValueError("shaped: the shaped_sde simulator needs a `shaped:` section")
@@ -363,6 +434,24 @@ class ExperimentConfig(_Strict):
         if init.direction is not None and len(init.direction) != model.d:
             raise ValueError(f"initial.direction: must hold d = {model.d} values")
         return self
+
+    def _check_plots(self) -> None:
+        """Plot axes must be swept and plot observables recorded: a typo fails here, not after the run."""
+        axes = self.sweep.axis_names()
+        names = self.observable_names()
+        rm, curves = self.plots.regime_map, self.plots.curves
+        for field, axis in (("regime_map.x", rm and rm.x), ("regime_map.y", rm and rm.y),
+                            ("regime_map.facet", rm and rm.facet), ("curves.hue", curves and curves.hue)):
+            if axis and axis not in axes:
+                raise ValueError(f"plots.{field}: {axis!r} is not a sweep axis; swept: {axes or 'nothing'}")
+        for field, obs in (("regime_map.observable", rm and rm.observable), ("curves.observable", curves and curves.observable)):
+            if obs and obs not in names:
+                raise ValueError(f"plots.{field}: {obs!r} is not recorded; recorded: {names}")
+
+    def plot_observable(self, chosen: str | None) -> str:
+        """The observable a plot shows: the chosen one, else effective_rank if recorded, else the first."""
+        names = self.observable_names()
+        return chosen or ("effective_rank" if "effective_rank" in names else names[0])
 
     def observable_names(self) -> list[str]:
         """The observables recorded over depth (defaults per simulator)."""

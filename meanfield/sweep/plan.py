@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,26 @@ def _loc(loc) -> str:
     return ".".join(str(x) for x in loc if not (isinstance(x, str) and x in ("function-after", "function-before")))
 
 
+def _short(value, limit: int = 80) -> str:
+    """repr of a user's value, cut to `limit` characters (an aliased YAML list can be huge)."""
+    import reprlib
+
+    rep = reprlib.Repr()  # keyword arguments only from Python 3.12
+    rep.maxlevel, rep.maxlist, rep.maxdict, rep.maxstring, rep.maxother = 2, 6, 4, limit, limit
+    r = rep.repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
 def _format_validation(err: ValidationError, where: str) -> str:
     lines = []
     for e in err.errors():
         path = _loc(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
+        lead = re.match(r"([A-Za-z_][\w.]*): (.*)", msg, re.S)  # "max_steps: ..." from a section's validator
+        if lead and not path.endswith(lead[1]):
+            path, msg = (f"{path}.{lead[1]}" if path else lead[1]), lead[2]
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) or got is None else f" (got {_short(got)})"
         lines.append(f"{where}: field `{path}`: {msg}{got_s}")
     # pydantic reports every union branch; keep the distinct lines, at most eight.
     seen, out = set(), []
@@ -90,23 +104,97 @@ def _format_validation(err: ValidationError, where: str) -> str:
     return "\n".join(out[:8])
 
 
+MAX_FILE_BYTES = 4 * 2**20
+"""An experiment file larger than this is refused unread (a config is a few hundred bytes)."""
+MAX_YAML_NODES = 1_000_000
+"""Values a YAML document may hold once its aliases are expanded (an alias bomb holds 10^9 in 1 kB)."""
+
+
+def _expanded_size(root) -> int:
+    """Scalars + collections in a composed YAML node graph with every alias expanded, counted
+    without expanding (memoised per node) and stopping past MAX_YAML_NODES."""
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            size[id(node)] = 1
+            continue
+        if isinstance(node, yaml.MappingNode) and not children_done:
+            _check_duplicate_keys(node)
+        kids = [k for pair in node.value for k in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        if children_done:
+            size[id(node)] = min(1 + sum(size.get(id(k), 0) for k in kids), MAX_YAML_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if id(k) not in size)
+    return size[id(root)]
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _check_duplicate_keys(node) -> None:
+    """YAML lets a repeated key silently replace the first (`beta: 1` ... `beta: 4`); we refuse it."""
+    seen = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+            if key.value in seen:
+                raise _DuplicateKey(f"line {key.start_mark.line + 1}: key {_short(key.value, 40)} appears twice in one "
+                                    f"mapping (first on line {seen[key.value] + 1})")
+            seen[key.value] = key.start_mark.line
+
+
+def parse_yaml(text: str, source: str):
+    """`yaml.safe_load` with bounds: at most MAX_YAML_NODES values after alias expansion. Raises ConfigError."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # the reader already refuses control characters here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_size(node)
+        if n > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values (aliases "
+                              "that repeat aliases); refused")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{source}{where}: invalid YAML: {_short(getattr(exc, 'problem', None) or exc, 200)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source} ({exc})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file.
 
     Raises:
-        ConfigError: missing file, YAML syntax error (with line), or a schema violation
-            (with the field path).
+        ConfigError: missing, oversized or non-UTF-8 file, YAML syntax error (with line), an alias
+            bomb, or a schema violation (with the field path).
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
+        raise ConfigError(f"{path}: no such experiment file" + (" (a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes is too large for an experiment file (limit {MAX_FILE_BYTES:,})")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return config_from_dict(raw, source=str(path))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes)")
+    return config_from_dict(parse_yaml(text, str(path)), source=str(path))
 
 
 def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
@@ -165,23 +253,50 @@ _FUNCS = {"sqrt": math.sqrt, "log": math.log, "exp": math.exp, "abs": abs, "min"
           "sin": math.sin, "cos": math.cos, "int": int, "float": float}
 
 
+MAX_EXPRESSION_CHARS = 500
+MAX_INT = 2**63
+"""Derived expressions: at most this many characters, and integers beyond +-2^63 become floats,
+so every operation costs O(1) (`9**9**9` would otherwise compute a 370-million-digit integer)."""
+
+
+def _bounded(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"not a number: {_short(v, 40)}")
+    if isinstance(v, int) and abs(v) > MAX_INT:
+        v = float(v)  # OverflowError beyond float range
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("the value overflows (not finite)")
+    return v
+
+
+def _power(a, b):
+    if isinstance(a, int) and isinstance(b, int) and (b < 0 or b * max(a.bit_length(), 1) > 64):
+        a = float(a)  # big integer powers in floating point: bounded cost, OverflowError if too big
+    return a ** b
+
+
 def evaluate_expression(expr: str, tree: dict) -> float:
     """Arithmetic over config fields, e.g. `"1 / model.beta"` or `"sqrt(model.d) * 2"`.
 
-    Only numbers, + - * / ** % //, field paths and sqrt/log/exp/abs/min/max/sin/cos/int/float.
+    Only numbers, + - * / ** % //, numeric field paths and sqrt/log/exp/abs/min/max/sin/cos/int/float;
+    at most MAX_EXPRESSION_CHARS characters, every intermediate value finite and of bounded size.
     """
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"longer than {MAX_EXPRESSION_CHARS} characters")
+    ops = {**_BINOPS, ast.Pow: _power}
+
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+            return _bounded(node.value)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return _bounded(ops[type(node.op)](ev(node.left), ev(node.right)))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = ev(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS:
-            return _FUNCS[node.func.id](*[ev(a) for a in node.args])
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords:
+            return _bounded(_FUNCS[node.func.id](*[ev(a) for a in node.args]))
         if isinstance(node, (ast.Name, ast.Attribute)):
             parts = []
             while isinstance(node, ast.Attribute):
@@ -189,10 +304,26 @@ def evaluate_expression(expr: str, tree: dict) -> float:
                 node = node.value
             if isinstance(node, ast.Name):
                 parts.append(node.id)
-                return get_path(tree, ".".join(reversed(parts)))
+                path = ".".join(reversed(parts))
+                try:
+                    value = get_path(tree, path)
+                except (KeyError, IndexError, TypeError):
+                    raise ValueError(f"no field `{path}`") from None
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"`{path}` is not a number (it is {_short(value, 40)})")
+                return value
         raise ValueError(f"unsupported expression element {ast.dump(node)[:40]}")
 
-    return ev(ast.parse(expr, mode="eval"))
+    try:
+        tree_ = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as exc:
+        raise ValueError(f"not an expression ({type(exc).__name__})") from None
+    try:
+        return ev(tree_)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except (OverflowError, ZeroDivisionError, TypeError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {_short(str(exc), 80)}") from None
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -238,10 +369,46 @@ def _is_traced(path: str, value: Any, kind: str = "particles", lyapunov: bool = 
     return isinstance(value, (int, float)) and not isinstance(value, bool) and path not in static
 
 
+def memory_estimate(cfg: ExperimentConfig, ensemble: bool) -> tuple[int, int]:
+    """(working bytes of one solve, bytes kept per finished point) for one point of a group:
+    the sizes `output.memory_budget_gb` is spent on."""
+    item = 8 if cfg.dtype == "float64" else 4
+    sim = cfg.simulator
+    n_obs = len(cfg.observable_names()) + 4
+    d = cfg.model.d if cfg.model is not None else 1
+    if sim.kind == "shaped_sde":
+        m = cfg.shaped.m
+        return item * cfg.shaped.n_paths * 8 * m * m, item * cfg.shaped.n_paths * sim.n_save * (m * m + 2)
+    if sim.kind == "gaussian":
+        return item * (64 * d * d + 256), item * sim.n_save * (2 * d * d + n_obs)
+    n = cfg.initial.n
+    h = cfg.model.hidden or 4 * d
+    dense = sim.attention_impl == "dense" or (sim.attention_impl == "auto" and n <= 4096)
+    attn = n * n if dense else 1024 * 1024
+    lane = item * (6 * attn + 40 * n * max(d, h))
+    if ensemble:  # saved token states of every point, then observables
+        return lane, item * (sim.n_save * (n * d + n_obs) + 2 * n * d)
+    return lane, item * sim.n_save * n_obs
+
+
+def _check_memory(cfg: ExperimentConfig, traced, source: str) -> None:
+    """Refuse a group whose single point cannot fit `output.memory_budget_gb` (e.g. n = 10^7 tokens in d = 4096)."""
+    lane, kept = memory_estimate(cfg, ensemble=True)
+    need = lane + kept
+    budget = cfg.output.memory_budget_gb * 2**30
+    if need > budget:
+        sizes = ", ".join(f"{k} = {v}" for k, v in (("initial.n", cfg.initial.n), ("model.d", cfg.model and cfg.model.d),
+                                                      ("simulator.n_save", cfg.simulator.n_save)) if v is not None)
+        raise ConfigError(f"{source}: one point needs about {need / 2**30:.3g} GB ({sizes}), more than "
+                          f"output.memory_budget_gb = {cfg.output.memory_budget_gb:g}; make it smaller or raise the budget")
+
+
 def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
     """Expand and validate every sweep point; group them by compiled signature."""
     points, axes = expand_points(cfg)
-    base = cfg.model_dump(mode="python", exclude={"sweep"})
+    # Plots are checked once, against the whole sweep's axes (ExperimentConfig._check_plots); each
+    # point's config carries the default plots.
+    base = cfg.model_dump(mode="python", exclude={"sweep", "plots"})
     groups: dict[str, dict] = {}
     base_bytes = pickle.dumps(base)  # a fresh copy per point: unpickling is ~5x faster than deepcopy
     for i, pt in enumerate(points):
@@ -276,6 +443,7 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
             g["values"][p].append(get_path(dumped, p))
     plan = Plan(config=cfg, points=points, axes=axes)
     for g in groups.values():
+        _check_memory(g["config"], g["traced"], source)
         plan.groups.append(
             Group(
                 config=g["config"], traced_paths=g["traced"], indices=np.asarray(g["indices"], dtype=np.int64),

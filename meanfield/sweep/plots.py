@@ -1,7 +1,7 @@
 """Plots of a sweep dataset: regime maps over two swept axes, observables against depth.
 
 Colours are the Okabe-Ito colour-blind-safe palette: collapse blue, stable bluish green,
-blow-up vermillion. A spectral-ratio axis is drawn on a log scale with the 1:1 rule's
+blow-up vermillion, failed solves grey. A spectral-ratio axis is drawn on a log scale with the 1:1 rule's
 stable band 0.5 <= rho <= 2 marked.
 """
 
@@ -18,7 +18,7 @@ from matplotlib.patches import Patch
 
 from ..regimes import REGIMES
 
-REGIME_COLORS = ("#0072B2", "#009E73", "#D55E00")
+REGIME_COLORS = ("#0072B2", "#009E73", "#D55E00", "#999999")
 LINE_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,
          "figure.dpi": 110, "savefig.dpi": 150, "axes.spines.top": False, "axes.spines.right": False}
@@ -101,7 +101,7 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
         py, edges_y, logy = _positions(y, ys)
         cmap = ListedColormap(REGIME_COLORS)
         ax.pcolormesh(edges_x, edges_y, np.ma.masked_invalid(reg),
-                      cmap=cmap, norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5], 3), edgecolors="white", linewidth=0.3)
+                      cmap=cmap, norm=BoundaryNorm(np.arange(len(REGIMES) + 1) - 0.5, len(REGIMES)), edgecolors="white", linewidth=0.3)
         for axis_vals, pos, log, set_scale, set_ticks, set_labels in (
             (xs, px, logx, ax.set_xscale, ax.set_xticks, ax.set_xticklabels),
             (ys, py, logy, ax.set_yscale, ax.set_yticks, ax.set_yticklabels),
@@ -128,7 +128,9 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
         if annotate:
             title += f" (numbers: final {observable})"
         ax.set_title(title)
-        handles = [Patch(color=c, label=r) for c, r in zip(REGIME_COLORS, REGIMES)]
+        shown = set(np.unique(rv).tolist())  # "failed" only in the legend when some point failed
+        handles = [Patch(color=c, label=r) for k, (c, r) in enumerate(zip(REGIME_COLORS, REGIMES))
+                   if r != "failed" or k in shown]
         if _is_ratio_axis(x) or _is_ratio_axis(y):
             handles.append(Patch(facecolor="none", edgecolor="black", hatch="//", label="1:1 band 0.5-2"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -232,11 +234,11 @@ def plot_run(ds: xr.Dataset, cfg, fig_dir: Path) -> list[Path]:
         if len(non_seed) >= 2:
             rm = RegimeMapPlot(x=non_seed[0], y=non_seed[1], observable=cfg.observable_names()[0])
     if rm is not None:
-        obs = rm.observable if rm.observable in ds else cfg.observable_names()[0]
+        obs = cfg.plot_observable(rm.observable)
         paths += _save(regime_map_panels(ds, rm.x, rm.y, obs, rm.facet), fig_dir / "regime_map", formats)
     curves = cfg.plots.curves
     if curves is not None:
-        obs = curves.observable if curves.observable in ds else cfg.observable_names()[0]
+        obs = cfg.plot_observable(curves.observable)
         hue = curves.hue
         if hue is None:
             axes = [a for a in ds.attrs.get("sweep_axes", "").split() if a != "seed"]

@@ -31,15 +31,15 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import metrics
-from ..regimes import REGIMES, classify, regime_code
+from ..regimes import FAILED, REGIMES, classify, regime_code
 from ..simulate.gaussian import simulate_gaussian
 from ..simulate.particles import simulate_particles
 from .build import build_model, initial_moments, initial_tokens, point_keys
 from .config import ExperimentConfig
-from .plan import ConfigError, Group, Plan, config_hash, load_config, make_plan, set_path
+from .plan import ConfigError, Group, Plan, config_hash, load_config, make_plan, memory_estimate, set_path
 from .store import (
-    atomic_write_dataset, atomic_write_text, chunk_path, coordinate_array, done_points, git_commit,
-    merge_chunks, read_run_info,
+    RUN_FILES, atomic_write_dataset, atomic_write_text, chunk_path, coordinate_array, done_points, git_commit,
+    merge_chunks, read_run_info, read_tokens_file,
 )
 
 OBSERVABLE_ATTRS = {
@@ -169,7 +169,10 @@ def plan_group_orders(cfg: ExperimentConfig, group, file_tokens=None):
 
 
 def _particle_outputs(names, reg, ts, xs, success, blown_up, t_end):
-    """One point's sweep outputs from its saved tokens xs (T, n, d): observables over depth, regime, blow-up depth."""
+    """One point's sweep outputs from its saved tokens xs (T, n, d): observables over depth, regime, blow-up depth.
+
+    A failed solve (neither t1 nor a blow-up event reached, or a non-finite final state) gets the
+    FAILED regime and NaN observables and blow-up depth: its numbers describe the numerics, not the model."""
     wanted = list(dict.fromkeys(names + ["rank_one_distance", "rms_norm"]))
     reached = jnp.all(jnp.isfinite(xs), axis=(-2, -1))
     safe = jnp.where(reached[:, None, None], xs, 0.0)
@@ -178,26 +181,28 @@ def _particle_outputs(names, reg, ts, xs, success, blown_up, t_end):
         return {n: (metrics.cluster_count(X) if n == "cluster_count" else metrics.PARTICLE_OBSERVABLES[n](X)).astype(X.dtype)
                 for n in wanted}
 
-    o = {k: jnp.where(reached, v, jnp.inf) for k, v in jax.vmap(observe)(safe).items()}
+    o = {k: jnp.where(reached, v, jnp.nan) for k, v in jax.vmap(observe)(safe).items()}
     growth = o["rms_norm"] / o["rms_norm"][0]
-    over = (growth > reg.growth_limit) | ~jnp.isfinite(growth)
+    over = reached & (growth > reg.growth_limit)  # unreached saves are not a blow-up
     first_over = jnp.where(jnp.any(over), ts[jnp.argmax(over)], jnp.inf)
     blowup_time = jnp.where(blown_up, jnp.minimum(first_over, t_end), first_over)
-    # A failed solve (max_steps) is judged on its last reached save; `success` flags it.
-    last = jnp.max(jnp.where(jnp.isfinite(growth), jnp.arange(growth.shape[0]), 0))
-    regime = regime_code(o["rank_one_distance"][last], growth[last], blown_up,
+    # A blow-up event stops the solve: judge it on its last reached save; every other run on X(t1).
+    last = jnp.where(blown_up, jnp.max(jnp.where(reached, jnp.arange(growth.shape[0]), 0)), growth.shape[0] - 1)
+    regime = regime_code(o["rank_one_distance"][last], growth[last], blown_up, failed=~success,
                          collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
-    keep = {k: jnp.where(jnp.isfinite(v), v, jnp.nan) for k, v in o.items() if k in names}
-    return dict(keep, t=ts, regime=regime.astype(jnp.int8), blowup_time=blowup_time.astype(ts.dtype),
-                success=success.astype(jnp.int8))
+    failed = regime == FAILED
+    keep = {k: jnp.where(failed, jnp.nan, v) for k, v in o.items() if k in names}
+    return dict(keep, t=ts, regime=regime.astype(jnp.int8),
+                blowup_time=jnp.where(failed, jnp.nan, blowup_time).astype(ts.dtype), success=success.astype(jnp.int8))
 
 
 def _gaussian_outputs(names, reg, sol):
-    """One point's sweep outputs from its `GaussianSolution`."""
+    """One point's sweep outputs from its `GaussianSolution` (a failed solve: FAILED, NaN observables)."""
     obs = _gaussian_observables(names, sol.means, sol.covs)
-    obs = {k: jnp.where(sol.valid, v, jnp.nan) for k, v in obs.items()}
     regime = classify(sol, collapse_tol=reg.collapse_tol, growth_limit=reg.growth_limit)
-    return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=sol.blowup_time,
+    failed = regime == FAILED
+    obs = {k: jnp.where(sol.valid & ~failed, v, jnp.nan) for k, v in obs.items()}
+    return dict(obs, t=sol.ts, regime=regime.astype(jnp.int8), blowup_time=jnp.where(failed, jnp.nan, sol.blowup_time),
                 success=sol.success.astype(jnp.int8))
 
 
@@ -312,28 +317,14 @@ def auto_chunk_size(cfg: ExperimentConfig, n_devices: int, traced_paths=()) -> i
     if cfg.output.chunk_size:
         size = cfg.output.chunk_size
     else:
-        item = 8 if cfg.dtype == "float64" else 4
-        sim = cfg.simulator
-        n_obs = len(cfg.observable_names()) + 4
-        d = cfg.model.d if cfg.model is not None else 1
         budget = cfg.output.memory_budget_gb * 2**30
         ensemble = _uses_ensemble(cfg, traced_paths)
-        if sim.kind == "shaped_sde":
-            m = cfg.shaped.m
-            per_point = item * cfg.shaped.n_paths * (sim.n_save * (m * m + 2) + 8 * m * m)
-        elif sim.kind == "gaussian":
-            per_point = item * (sim.n_save * (2 * d * d + n_obs) + 64 * d * d + 256)
+        lane, kept = memory_estimate(cfg, ensemble)
+        if ensemble:  # the lanes' working memory once, then the saved states of every point
+            budget = max(budget - min(cfg.output.lanes or 256, 256) * lane, budget / 4)
+            per_point = kept
         else:
-            n = cfg.initial.n
-            h = cfg.model.hidden or 4 * d
-            dense = sim.attention_impl == "dense" or (sim.attention_impl == "auto" and n <= 4096)
-            attn = n * n if dense else 1024 * 1024
-            per_lane = item * (6 * attn + 40 * n * max(d, h))
-            if ensemble:  # the lanes' working memory once, then the saved states of every point
-                budget = max(budget - min(cfg.output.lanes or 256, 256) * per_lane, budget / 4)
-                per_point = item * (sim.n_save * (n * d + n_obs) + 2 * n * d)
-            else:
-                per_point = per_lane + item * sim.n_save * n_obs
+            per_point = lane + kept
         size = int(budget // per_point)
         # Vmapped adaptive solves run in lockstep: a chunk costs (lanes x the slowest lane's steps), and
         # the slowest lane gets slower as the chunk grows (measured: 512 random d = 4 moment points 4 s,
@@ -412,22 +403,37 @@ def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict
             attrs = {"long_name": "regime", "flag_values": np.arange(len(REGIMES), dtype=np.int8),
                      "flag_meanings": " ".join(REGIMES)}
         elif name == "blowup_time":
-            attrs = {"long_name": "blow-up depth (inf: none)", "units": "depth"}
+            attrs = {"long_name": "blow-up depth (inf: none; nan: the solve failed)", "units": "depth"}
         elif name == "t":
             attrs = {"long_name": "depth", "units": "depth"}
         elif name == "success":
-            attrs = {"long_name": "solver reached t1 or a blow-up event (0: stopped early, e.g. max_steps; "
-                              "the regime is then judged on the last reached save)", "units": "1"}
+            attrs = {"long_name": "solver reached t1 or a blow-up event (0: stopped early, e.g. max_steps, or "
+                              "non-finite; regime 'failed', observables nan)", "units": "1"}
         data[name] = (dims, arr, attrs)
     coords = {"point": idx, "depth": ("depth", depth, {"long_name": "depth t", "units": "depth"})}
     for axis in plan.axes:
         coords[axis] = ("point", coordinate_array([plan.points[i].get(axis) for i in idx]))
-    return xr.Dataset(data, coords=coords)
+    return xr.Dataset(data, coords=coords, attrs={"config_hash": config_hash(plan.config)})
+
+
+def group_file_tokens(cfg: ExperimentConfig, source_dir: Path | None) -> np.ndarray | None:
+    """The initial tokens of a group whose `initial.kind` is `file` (checked: see `read_tokens_file`), else None."""
+    if cfg.initial.kind != "file":
+        return None
+    f = Path(cfg.initial.path)
+    if not f.is_absolute() and source_dir is not None:
+        f = source_dir / f
+    try:
+        return read_tokens_file(f, (cfg.initial.n, cfg.model.d))
+    except FileNotFoundError:
+        raise ConfigError(f"field `initial.path`: no such file {str(f)!r}") from None
+    except ValueError as exc:
+        raise ConfigError(f"field `initial.path`: {exc}") from None
 
 
 def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path | None = None) -> int:
     """Compute every point not yet stored under `run_dir/chunks`; returns the number computed."""
-    done = done_points(run_dir)
+    done = done_points(run_dir, config_hash(plan.config))
     devices = jax.local_devices()
     n_dev = len(devices)
     mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
@@ -441,29 +447,21 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
         bar = tqdm(total=remaining, unit="pt", desc=plan.config.name, dynamic_ncols=True)
     computed = 0
     chunk_counter = 0
-    for group in plan.groups:
-        todo_mask = ~np.isin(group.indices, list(done))
-        if not todo_mask.any():
-            continue
-        cfg = group.config
-        size = auto_chunk_size(cfg, n_dev, group.traced_paths)
-        file_tokens = None
-        if cfg.initial.kind == "file":
-            f = Path(cfg.initial.path)
-            if not f.is_absolute() and source_dir is not None:
-                f = source_dir / f
-            file_tokens = np.load(f)
-            if file_tokens.shape != (cfg.initial.n, cfg.model.d):
-                raise ConfigError(
-                    f"{f}: field `initial.path`: array shape {file_tokens.shape} != (initial.n, model.d) = "
-                    f"{(cfg.initial.n, cfg.model.d)}"
-                )
-        with jax.enable_x64(cfg.dtype == "float64"):
-            computed += _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc,
-                                   bar, quiet, pause, chunk_counter, remaining, computed)
-            chunk_counter += -(-int(todo_mask.sum()) // size)
-    if bar is not None:
-        bar.close()
+    try:
+        for group in plan.groups:
+            todo_mask = ~np.isin(group.indices, list(done))
+            if not todo_mask.any():
+                continue
+            cfg = group.config
+            size = auto_chunk_size(cfg, n_dev, group.traced_paths)
+            file_tokens = group_file_tokens(cfg, source_dir)
+            with jax.enable_x64(cfg.dtype == "float64"):
+                computed += _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc,
+                                       bar, quiet, pause, chunk_counter, remaining, computed)
+                chunk_counter += -(-int(todo_mask.sum()) // size)
+    finally:
+        if bar is not None:
+            bar.close()
     return computed
 
 
@@ -527,20 +525,53 @@ def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc,
     return computed
 
 
-def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, overwrite: bool = False) -> str:
-    """Check an existing output directory against the config; refuse to mix different configs."""
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run_experiment`: finished chunks are saved in `run_dir`; the same command resumes."""
+
+    def __init__(self, run_dir: Path, done: int, total: int):
+        super().__init__(f"{run_dir}: {done} of {total} points saved")
+        self.run_dir, self.done, self.total = run_dir, done, total
+
+
+def check_run_dir(cfg: ExperimentConfig, run_dir: Path, *, overwrite: bool = False) -> str:
+    """Refuse an output directory meanfield may not write to (nothing is written here); returns the
+    config hash. Allowed: a missing or empty directory, or a run directory (it has run.json) of the
+    same config, or of another config with `overwrite`. A file, or a non-empty directory that is not
+    a run directory (a user's own files), is refused even with `overwrite`."""
     h = config_hash(cfg)
-    info = read_run_info(run_dir)
-    if info is not None and info.get("config_hash") != h:
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir}: holds a run of a different config (hash {info.get('config_hash')} there, {h} now); "
-                "pass --out to write elsewhere, or --overwrite to replace it"
-            )
-    if overwrite and run_dir.exists():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: the output path is a file, not a directory; pass another --out")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return h
+    try:
+        info = read_run_info(run_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if info is None:
+        raise ConfigError(f"{run_dir}: exists, is not empty and is not a meanfield run directory (no run.json); "
+                          "meanfield only writes to (and --overwrite only replaces) its own run directories; "
+                          "pass another --out")
+    if info.get("config_hash") != h and not overwrite:
+        raise ConfigError(
+            f"{run_dir}: holds a run of a different config (hash {info.get('config_hash')} there, {h} now); "
+            "pass --out to write elsewhere, or --overwrite to replace it"
+        )
+    return h
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, overwrite: bool = False) -> str:
+    """`check_run_dir`, then with `overwrite` remove what meanfield wrote there (`store.RUN_FILES`)
+    and nothing else."""
+    h = check_run_dir(cfg, run_dir, overwrite=overwrite)
+    if overwrite and (run_dir / "run.json").is_file():
         import shutil
 
-        shutil.rmtree(run_dir)
+        for name in RUN_FILES[1:] + RUN_FILES[:1]:  # run.json last: a crash here leaves a run directory
+            p = run_dir / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     return h
 
 
@@ -564,9 +595,17 @@ def run_experiment(
         cfg, src = load_config(source), str(source)
         source_dir = Path(source).resolve().parent
     plan = make_plan(cfg, source=src)  # every point validated before anything is written
+    for group in plan.groups:  # and every initial-token file read and checked
+        group_file_tokens(group.config, source_dir)
     run_dir = Path(out or cfg.output.dir or Path("runs") / cfg.name)
     h = prepare_run_dir(cfg, run_dir, overwrite=overwrite)
-    (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
+    try:
+        (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{run_dir}: cannot write the output directory ({exc.strerror or exc}); pass another --out") from None
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     try:
         version = importlib.metadata.version("meanfield")
@@ -581,17 +620,22 @@ def run_experiment(
         atomic_write_text(config_yaml, run_dir / "config.yaml")
         prev = read_run_info(run_dir) or {}
         atomic_write_text(json.dumps({**prev, **info, "status": "running"}, indent=1), run_dir / "run.json")
-    n_done_before = len(done_points(run_dir))
+    n_done_before = len(done_points(run_dir, h))
     if n_done_before and not quiet:
         _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
     t_compute = time.perf_counter()
-    computed = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir)
+    try:
+        computed = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir)
+    except KeyboardInterrupt:
+        if jax.process_index() == 0:
+            atomic_write_text(json.dumps({**info, "status": "interrupted"}, indent=1), run_dir / "run.json")
+        raise RunInterrupted(run_dir, len(done_points(run_dir, h)), plan.n_points) from None
     compute_seconds = time.perf_counter() - t_compute
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("meanfield-merge")
-    ds = merge_chunks(run_dir)
+    ds = merge_chunks(run_dir, h)
     ds.attrs.update({
         "name": cfg.name, "description": cfg.description, "config_yaml": config_yaml, "config_hash": h,
         "meanfield_version": version, "jax_version": jax.__version__,
@@ -633,7 +677,8 @@ def summary_table(ds: xr.Dataset) -> str:
                 sel = vals == u
                 counts = " | ".join(f"{int(np.sum(reg[sel] == i)):>8}" for i in range(len(REGIMES)))
                 label = f"{u:.4g}" if isinstance(u, float) else str(u)
-                lines.append(f"{label:>24} | {counts} | {np.nanmean(fin[sel]):.4g}")
+                mean = np.mean(fin[sel][np.isfinite(fin[sel])]) if np.isfinite(fin[sel]).any() else np.nan
+                lines.append(f"{label:>24} | {counts} | {mean:.4g}")
     return "\n".join(lines)
 
 

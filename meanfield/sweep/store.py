@@ -2,14 +2,19 @@
 
     RUN_DIR/
       config.yaml        the validated config (every default filled in)
-      run.json           config hash, package / JAX versions, git commit, devices
+      run.json           config hash, package / JAX versions, git commit, devices, status;
+                         its presence is what makes a directory a run directory
       chunks/            one NetCDF file per finished batch, written atomically
-                         (tmp file + os.replace), named by their first and last point
+                         (tmp file + fsync + os.replace), named by their first and last point,
+                         each stamped with its config hash
+      chunks/damaged/    chunk files that failed to read or belong to another config, set aside
       results.nc         all chunks merged, sorted by point (written at the end)
       figures/           plots
 
-A killed run leaves only whole chunk files; re-running computes the points no chunk holds.
-`load_run` reads `results.nc`, or merges the chunks of an unfinished run.
+A killed run leaves only whole chunk files; re-running computes the points no chunk holds. A
+chunk that cannot be read (a crash of the disk or of a copy, a truncated file) is named, moved
+to chunks/damaged/ and recomputed. `load_run` reads `results.nc`, or merges the chunks of an
+unfinished run with a warning that says how many points it holds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,51 +32,137 @@ import xarray as xr
 ENGINE = "h5netcdf"
 
 
-def atomic_write_dataset(ds: xr.Dataset, path: Path) -> None:
+RUN_FILES = ("run.json", "config.yaml", "results.nc", "chunks", "figures")
+"""What meanfield writes in a run directory; `--overwrite` removes these and nothing else."""
+
+
+class IncompleteRunWarning(UserWarning):
+    """`load_run` returned the chunks of a run that has not finished."""
+
+
+def _atomic(write, path: Path) -> None:
+    """write(tmp), fsync, then rename over `path`: readers see the old file or the whole new one.
+    A failed write (disk full, read-only) removes its temporary file and re-raises."""
     tmp = path.with_name(path.name + ".tmp")
-    ds.to_netcdf(tmp, engine=ENGINE)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_dataset(ds: xr.Dataset, path: Path) -> None:
+    _atomic(lambda tmp: ds.to_netcdf(tmp, engine=ENGINE), path)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic(lambda tmp: tmp.write_text(text), path)
 
 
 def chunk_path(run_dir: Path, first: int, last: int) -> Path:
     return Path(run_dir) / "chunks" / f"points-{first:07d}-{last:07d}.nc"
 
 
-def done_points(run_dir: Path) -> set[int]:
-    """Global point indices held by finished chunk files."""
-    done: set[int] = set()
-    for f in sorted((Path(run_dir) / "chunks").glob("points-*.nc")):
+def _chunk_files(run_dir: Path) -> list[Path]:
+    return sorted((Path(run_dir) / "chunks").glob("points-*.nc"))
+
+
+def _read_chunk_points(f: Path, config_hash: str | None) -> np.ndarray:
+    """The point indices of one chunk file; raises ValueError naming what is wrong with it."""
+    try:
         with xr.open_dataset(f, engine=ENGINE) as ds:
-            done.update(int(i) for i in ds["point"].values)
+            points = np.asarray(ds["point"].values)
+            stamp = ds.attrs.get("config_hash")
+            for name in ds.data_vars:  # touch the data: a truncated file fails here, not at merge
+                np.asarray(ds[name].values)
+    except Exception as exc:  # noqa: BLE001 - h5py/netCDF raise many types for a damaged file
+        raise ValueError(f"unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if config_hash is not None and stamp is not None and stamp != config_hash:
+        raise ValueError(f"written by another config (hash {stamp}, this run is {config_hash})")
+    if points.ndim != 1 or not np.issubdtype(points.dtype, np.integer):
+        raise ValueError("has no integer `point` coordinate")
+    return points
+
+
+def set_aside(f: Path, reason: str) -> Path:
+    """Move a chunk file to chunks/damaged/ (never deleted: it may be evidence) and say so on stderr."""
+    dest_dir = f.parent / "damaged"
+    dest_dir.mkdir(exist_ok=True)
+    dest = dest_dir / f.name
+    k = 1
+    while dest.exists():
+        dest = dest_dir / f"{f.name}.{k}"
+        k += 1
+    os.replace(f, dest)
+    print(f"warning: chunk {f} is {reason}; moved to {dest}, its points will be recomputed", file=sys.stderr)
+    return dest
+
+
+def scan_chunks(run_dir: Path, config_hash: str | None = None) -> dict[Path, np.ndarray]:
+    """Readable chunk files of this config -> their point indices. Damaged or foreign chunks are set
+    aside (chunks/damaged/), leftover temporary files of a killed write removed."""
+    chunks = Path(run_dir) / "chunks"
+    for tmp in chunks.glob("points-*.nc.tmp"):
+        tmp.unlink(missing_ok=True)
+    good: dict[Path, np.ndarray] = {}
+    for f in _chunk_files(run_dir):
+        try:
+            good[f] = _read_chunk_points(f, config_hash)
+        except ValueError as exc:
+            set_aside(f, str(exc))
+    return good
+
+
+def done_points(run_dir: Path, config_hash: str | None = None) -> set[int]:
+    """Global point indices held by readable chunk files of this config (damaged ones set aside)."""
+    done: set[int] = set()
+    for points in scan_chunks(run_dir, config_hash).values():
+        done.update(int(i) for i in points)
     return done
 
 
-def merge_chunks(run_dir: Path) -> xr.Dataset:
-    files = sorted((Path(run_dir) / "chunks").glob("points-*.nc"))
+def merge_chunks(run_dir: Path, config_hash: str | None = None) -> xr.Dataset:
+    """All readable chunks, one row per point (a point held twice, e.g. by a chunk copied in by
+    hand, is kept once), sorted by point."""
+    files = list(scan_chunks(run_dir, config_hash))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no finished chunks")
     parts = [xr.load_dataset(f, engine=ENGINE) for f in files]
     ds = xr.concat(parts, dim="point", data_vars="all", coords="different", compat="equals", join="outer")
-    return ds.sortby("point")
+    _, first = np.unique(ds["point"].values, return_index=True)
+    return ds.isel(point=np.sort(first)).sortby("point")
 
 
 def load_run(path: str | Path) -> xr.Dataset:
     """The dataset of a run directory (or a results.nc file path); also opens with plain xarray:
-    `xr.open_dataset(RUN_DIR / "results.nc", engine="h5netcdf")`."""
+    `xr.open_dataset(RUN_DIR / "results.nc", engine="h5netcdf")`.
+
+    An unfinished run (no results.nc) returns the points its chunks hold, with an
+    `IncompleteRunWarning` and `attrs["incomplete"]` saying how many of how many."""
     path = Path(path)
-    if path.is_file():
-        return xr.load_dataset(path, engine=ENGINE)
-    results = path / "results.nc"
-    if results.is_file():
-        return xr.load_dataset(results, engine=ENGINE)
+    try:
+        if path.is_file():
+            return xr.load_dataset(path, engine=ENGINE)
+        results = path / "results.nc"
+        if results.is_file():
+            return xr.load_dataset(results, engine=ENGINE)
+    except Exception as exc:  # noqa: BLE001 - h5py raises many types for a damaged file
+        raise ValueError(f"{path}: cannot read the results file ({type(exc).__name__}: {str(exc)[:120]})") from None
     if (path / "chunks").is_dir():
-        return merge_chunks(path)
+        info = read_run_info(path) or {}
+        ds = merge_chunks(path, info.get("config_hash"))
+        total = info.get("n_points")
+        msg = f"{ds.sizes['point']} of {total if total is not None else '?'} points (the run has not finished)"
+        ds.attrs["incomplete"] = msg
+        warnings.warn(f"{path}: incomplete run: {msg}; rerun `meanfield run` on its config to finish it",
+                      IncompleteRunWarning, stacklevel=2)
+        return ds
     raise FileNotFoundError(f"{path}: not a meanfield run directory (no results.nc or chunks/)")
 
 
@@ -84,10 +177,17 @@ def git_commit(start: Path) -> str | None:
 
 
 def read_run_info(run_dir: Path) -> dict | None:
+    """run.json as a dict; None when there is none. A damaged run.json raises ValueError."""
     f = Path(run_dir) / "run.json"
     if not f.is_file():
         return None
-    return json.loads(f.read_text())
+    try:
+        info = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{f}: damaged ({type(exc).__name__}); remove the directory or pass another --out") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{f}: damaged (not a JSON object); remove the directory or pass another --out")
+    return info
 
 
 def coordinate_array(values: list):
@@ -97,3 +197,37 @@ def coordinate_array(values: list):
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return np.asarray(values, dtype=np.float64 if any(isinstance(v, float) for v in values) else np.int64)
     return np.asarray(["null" if v is None else str(v) for v in values], dtype=object)
+
+
+MAX_TOKEN_FILE_BYTES = 2**34
+"""An initial-token .npy larger than 16 GiB is refused from its header, before it is read."""
+
+
+def read_tokens_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Initial tokens from a .npy file of exactly `shape` (initial.n, model.d), checked from the header
+    before any data is read: no pickled objects, a real number dtype, the right shape, finite values.
+    Raises ValueError naming the file and what is wrong."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            header = fmt.read_array_header_1_0(f) if version == (1, 0) else fmt.read_array_header_2_0(f)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a .npy array file ({str(exc)[:100]})") from None
+    got, _, dtype = header
+    if dtype.hasobject:
+        raise ValueError(f"{path}: holds Python objects (a pickle), which are never loaded; save a float array")
+    if dtype.kind not in "fiu":
+        raise ValueError(f"{path}: dtype {dtype} is not a real number type")
+    if tuple(got) != tuple(shape):
+        raise ValueError(f"{path}: array shape {tuple(got)} != (initial.n, model.d) = {tuple(shape)}")
+    nbytes = int(np.prod(got, dtype=np.int64)) * dtype.itemsize
+    if nbytes > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"{path}: {nbytes:,} bytes of tokens is more than the limit {MAX_TOKEN_FILE_BYTES:,}")
+    try:
+        X = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot read the array ({str(exc)[:100]}); is the file truncated?") from None
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{path}: holds {int(np.sum(~np.isfinite(X)))} non-finite values (NaN or inf)")
+    return X
