@@ -325,6 +325,7 @@ def test_ctrl_c_exits_130_with_one_line_that_says_how_to_resume(tmp_path):
     (_raw(sweep={"grid": {"model.beta": [1.0]}, "derived": {"model.a_attn": "exp(1000)"}}), "sweep.derived.model.a_attn"),
     (_raw(sweep={"grid": {"model.beta": [1.0]}, "derived": {"model.a_attn": "1e308 * 10"}}), "sweep.derived.model.a_attn"),
     (_raw(simulator={"kind": "particles", "t1": 20.0, "solver": "rk4", "dt0": 0.001}), "simulator.max_steps"),
+    (_raw(model__a_mlp=1e39), "`model.a_mlp`: 1e+39 overflows float32"),
     (_raw(model__d=2, simulator={"kind": "gaussian", "t1": 1.0}, initial={"kind": "gaussian", "cov": [[1.0, 2.0], [2.0, 1.0]]},
           model__norm="none", model__mlp="affine", observables=None), "initial.cov"),
     (_raw(model__d=2, simulator={"kind": "gaussian", "t1": 1.0}, initial={"kind": "gaussian", "cov": [[1.0, 0.5], [0.0, 1.0]]},
@@ -357,6 +358,27 @@ def test_a_failed_solve_is_labelled_failed_never_a_regime(tmp_path, capsys):
     assert np.all(ds["regime"].values == REGIMES.index("failed"))
     assert np.all(np.isnan(ds["effective_rank"].values)) and np.all(np.isnan(ds["blowup_time"].values))
     assert "failed 2" in out and "blow-up depth" not in out
+
+
+def test_weights_that_overflow_during_the_solve_are_failed_not_a_regime(tmp_path, capsys):
+    """Finite in the file, non-finite in the field (float32 logits ~ 1e30 * |x|^2): never stable or collapse."""
+    f = _yaml(tmp_path, _raw(model__norm="none", simulator={"kind": "particles", "t1": 2.0, "n_save": 5, "max_steps": 200},
+                             sweep={"grid": {"model.a_attn": [1e30, 1e37]}}))
+    rc, out, err = _cli(capsys, "run", f, "--out", tmp_path / "run", "--quiet")
+    assert rc == 0, err
+    ds = load_run(tmp_path / "run")
+    assert set(ds["regime"].values.tolist()) <= {REGIMES.index("failed"), REGIMES.index("blowup")}
+    assert np.all(np.isnan(ds["effective_rank"].values[ds["regime"].values == FAILED]))
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path, capsys):
+    """PyYAML reads `1e-2` as a string; a sweep over strings would split compile groups and plot labels."""
+    text = yaml.safe_dump(_raw(sweep=None)).replace("sweep: null", "sweep: {grid: {model.a_attn: [1e-2, 2e1]}}")
+    cfg = load_config(_yaml(tmp_path, text))
+    from meanfield.sweep.plan import make_plan
+
+    plan = make_plan(cfg)
+    assert [p["model.a_attn"] for p in plan.points] == [0.01, 20.0] and len(plan.groups) == 1
 
 
 def test_regime_code_of_non_finite_values_is_failed():

@@ -371,6 +371,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"sweep: {n:,} points is more than output.max_points = {self.output.max_points:,}; "
                              "raise output.max_points if you mean it")
         self._check_plots()
+        if self.dtype == "float32":
+            self._check_float32_range()
         if sim.kind == "shaped_sde":
             if self.shaped is None:
                 raise ValueError("shaped: the shaped_sde simulator needs a `shaped:` section")
@@ -434,6 +436,21 @@ class ExperimentConfig(_Strict):
         if init.direction is not None and len(init.direction) != model.d:
             raise ValueError(f"initial.direction: must hold d = {model.d} values")
         return self
+
+    def _check_float32_range(self) -> None:
+        """A finite YAML number can still be inf in float32 (|x| > 3.4e38): refuse it, naming the field."""
+        limit = 3.4028234663852886e38
+
+        def walk(node, path):
+            if isinstance(node, float) and abs(node) > limit:
+                raise ValueError(f"{path}: {node:g} overflows float32 (largest {limit:.3g}); use `dtype: float64`")
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+            for k, v in items:
+                walk(v, f"{path}.{k}")
+
+        for section in ("model", "initial", "simulator", "shaped"):
+            if getattr(self, section) is not None:
+                walk(getattr(self, section).model_dump(mode="python"), section)
 
     def _check_plots(self) -> None:
         """Plot axes must be swept and plot observables recorded: a typo fails here, not after the run."""

@@ -133,6 +133,23 @@ def _expanded_size(root) -> int:
     return size[id(root)]
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 (and Python) do: `1e-6` and `1e30` are numbers.
+    PyYAML's YAML 1.1 rule reads them as the strings "1e-6", "1e30" (no dot, or no exponent sign),
+    which pydantic would quietly convert for a scalar field but a sweep would treat as labels."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -152,7 +169,7 @@ def parse_yaml(text: str, source: str):
     """`yaml.safe_load` with bounds: at most MAX_YAML_NODES values after alias expansion. Raises ConfigError."""
     loader = None
     try:
-        loader = yaml.SafeLoader(text)  # the reader already refuses control characters here
+        loader = _Loader(text)  # the reader already refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
