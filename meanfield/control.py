@@ -52,6 +52,28 @@ CONTROLLABLE = ("Q", "K", "V", "W", "b")
 # --------------------------------------------------------------------------------------------
 # Bures-Wasserstein distance
 # --------------------------------------------------------------------------------------------
+def as_float(*xs) -> tuple[jax.Array, ...]:
+    """JAX's casting convention for the arguments: one common float dtype, the promotion of the inputs'
+    (`jnp.result_type(*xs, float)`): NumPy float64 arrays and Python lists become the default float
+    (float32 unless x64 is enabled), float32 arrays stay float32, integers become the default float."""
+    xs = [np.asarray(x) if isinstance(x, (list, tuple)) else x for x in xs]  # scalars stay weakly typed
+    dtype = jnp.result_type(*xs, float)
+    return tuple(jnp.asarray(x, dtype) for x in xs)
+
+
+def resolution(m1: Mean, S1: Cov, dtype) -> float:
+    r"""The smallest $W_2$ distance to $N(m_1, S_1)$ that `bures_wasserstein` resolves in `dtype`.
+
+    $W_2^2$ is a difference of terms of size $\operatorname{tr} S_1$, rounded at $d\,\epsilon$ relative, so
+    $W_2$ below $\sqrt{d\,\epsilon\,(\operatorname{tr} S_1 + |m_1|^2 + 1)}$ is rounding: about $10^{-3}$ for unit
+    covariances in float32, $10^{-8}$ in float64. `steer` never aims below it.
+    """
+    S1 = np.asarray(S1, np.float64)
+    d = S1.shape[-1]
+    size = float(np.trace(S1)) + float(np.sum(np.asarray(m1, np.float64) ** 2)) + 1.0
+    return float(np.sqrt(d * float(jnp.finfo(dtype).eps) * size))
+
+
 @jax.custom_jvp
 def trace_sqrt_psd(C: Cov) -> jax.Array:
     r"""$\operatorname{tr} C^{1/2}$ for symmetric PSD C (negative rounding eigenvalues clipped to 0).
@@ -93,13 +115,15 @@ def bures_wasserstein(m: Mean, S: Cov, m1: Mean, S1: Cov, *, squared: bool = Fal
     $$ W_2^2 = |m - m_1|^2 + \operatorname{tr}S + \operatorname{tr}S_1
        - 2\operatorname{tr}\big(S_1^{1/2} S S_1^{1/2}\big)^{1/2}, $$
 
-    valid for any symmetric PSD S, S1 (singular ones included). The cross term is computed as
-    $\operatorname{tr}(D^\top S D)^{1/2}$ with $DD^\top = S_1$ and D's columns set exactly to
+    valid for any symmetric PSD S, S1 (singular ones included). Inputs are cast as JAX does
+    (`as_float`: NumPy float64 arrays and lists to the default float, float32 unless x64 is enabled).
+    The cross term is computed as $\operatorname{tr}(D^\top S D)^{1/2}$ with $DD^\top = S_1$ and D's columns set exactly to
     zero on the eigenvalues of S1 below `rank_rtol` (default d eps) times the largest: a square
     root of a rounding-level eigenvalue (1e-17 -> 3e-9) would otherwise enter $W_2^2$ at 1e-8 and
     $W_2$ at 1e-4 for rank-deficient targets. The squared value is clipped at 0; use float64.
     Differentiable in (m, S) (see `trace_sqrt_psd`). Returns $W_2$, or $W_2^2$ if `squared`.
     """
+    m, S, m1, S1 = as_float(m, S, m1, S1)
     d = S1.shape[-1]
     rank_rtol = d * jnp.finfo(S1.dtype).eps if rank_rtol is None else rank_rtol
     D = _psd_factor(S1, rank_rtol)
@@ -337,6 +361,8 @@ class SteerResult:
             V is fixed: a continuation in the attention strength V -> alpha V, alpha 0 -> 1
             (a last entry below 1 means the continuation failed; `distance` is then that of the
             weaker attention and is reported as is).
+        dtype: the float dtype computed in (that of the returned models). tol: the tolerance aimed
+            at, `steer`'s `tol` raised to the dtype's `resolution` (about 1e-3 in float32).
     """
 
     model: Model
@@ -352,6 +378,30 @@ class SteerResult:
     controls: tuple[str, ...]
     initial_model: Model
     homotopy: tuple[float, ...] = (1.0,)
+    dtype: str = "float64"
+    tol: float = 1e-5
+
+
+def _input_eps(x) -> float:
+    """Machine epsilon of an input as given (float64 for lists and integers): its own rounding."""
+    dt = getattr(x, "dtype", None)
+    return float(np.finfo(dt).eps) if dt is not None and np.issubdtype(dt, np.floating) else float(np.finfo(np.float64).eps)
+
+
+def _check_psd(name: str, S, eps: float) -> None:
+    """ValueError unless S is symmetric and PSD up to the rounding of its own dtype (100 d eps, relative)."""
+    d = S.shape[0]
+    rtol = 100.0 * d * eps
+    scale = float(np.max(np.abs(S)))
+    asym = float(np.max(np.abs(S - S.T)))
+    if asym > rtol * scale:
+        raise ValueError(f"steer: `{name}` must be a symmetric covariance; max |S - S^T| = {asym:.3g} exceeds "
+                         f"{rtol:.1e} x max |S| = {rtol * scale:.3g}.")
+    lam = np.linalg.eigvalsh(0.5 * (S + S.T))
+    top = float(np.max(np.abs(lam)))
+    if lam[0] < -rtol * top:
+        raise ValueError(f"steer: `{name}` must be positive semidefinite; its smallest eigenvalue is {lam[0]:.3g} "
+                         f"< -{rtol:.1e} x largest |eigenvalue| {top:.3g}.")
 
 
 def default_base(d: int, dtype=None) -> Model:
@@ -385,8 +435,18 @@ def steer(
     Starts from the constructive guess of the module docstring and refines with `optax.lbfgs`
     until the fixed-step distance is below `tol` or `max_iters` iterations.
 
+    Precision: computed in JAX's default float (float64 with ``jax_enable_x64``, else float32), or in
+    `base`'s dtype when given; the inputs (NumPy arrays of any float dtype, lists, JAX arrays) are cast
+    to it, as everywhere in the API. Use float64 for accurate controls: $W_2$ is a difference of terms
+    of size tr S1, so float32 resolves it only to about `resolution(m1, S1, float32)` (~1e-3 for unit
+    covariances; float64: ~1e-8). In float32 `tol` is raised to that resolution (a target within it
+    counts as reached), `distance` is meaningful only down to it, and the controls agree with the
+    float64 ones to about that relative accuracy; the rank tests and the constructive guess run in
+    NumPy float64 either way.
+
     Arguments:
-        m0, S0, m1, S1: initial and target mean (d,) and covariance (d, d), symmetric PSD.
+        m0, S0, m1, S1: initial and target mean (d,) and covariance (d, d), symmetric PSD (finite;
+            symmetric and PSD up to 100 d eps of their own dtype: never symmetrised or clipped).
         T: depth. K: number of segments. n_sub: Tsit5 steps per segment in the optimised solve.
         effort: weight of the control energy (0: pure reachability).
         rank_rtol: relative eigenvalue cut-off defining the ranks of S0, S1.
@@ -397,16 +457,30 @@ def steer(
 
     Raises:
         ValueError: if rank S1 != rank S0 (refused before any optimisation: the rank of S(t) =
-            Phi(t) S0 Phi(t)^T is invariant), or on bad shapes / options.
+            Phi(t) S0 Phi(t)^T is invariant); on bad shapes / options; if an input holds NaN / inf or
+            a covariance is not symmetric PSD (naming it); if `base` has another dimension.
     """
     t_start = time.perf_counter()
-    m0, S0, m1, S1 = (np.asarray(x, float) for x in (m0, S0, m1, S1))
-    d = m0.shape[0]
+    inputs = {"m0": m0, "S0": S0, "m1": m1, "S1": S1}
+    eps_in = {k: _input_eps(v) for k, v in inputs.items()}
+    try:  # host float64 copies for the checks, the ranks and the constructive guess
+        m0, S0, m1, S1 = (np.asarray(x, np.float64) for x in inputs.values())
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"steer: `m0`, `S0`, `m1`, `S1` must be real arrays ({exc}).") from None
+    d = m0.shape[0] if m0.ndim == 1 else -1
     for name, arr, shape in (("m0", m0, (d,)), ("S0", S0, (d, d)), ("m1", m1, (d,)), ("S1", S1, (d, d))):
-        if arr.shape != shape:
-            raise ValueError(f"steer: `{name}` must have shape {shape}; got {arr.shape}.")
-    if not T > 0:
-        raise ValueError(f"steer: depth `T` must be > 0; got {T}.")
+        if arr.shape != shape or d < 1:
+            raise ValueError(f"steer: `{name}` must have shape {shape if d >= 1 else '(d,)'}; got {arr.shape}.")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"steer: `{name}` must be finite; it holds {int(np.sum(~np.isfinite(arr)))} NaN/inf value(s).")
+    for name, S in (("S0", S0), ("S1", S1)):
+        _check_psd(name, S, eps_in[name])
+    try:
+        T = float(T)
+    except (TypeError, ValueError):
+        raise ValueError(f"steer: depth `T` must be a number > 0; got {T!r}.") from None
+    if not (np.isfinite(T) and T > 0):
+        raise ValueError(f"steer: depth `T` must be finite and > 0; got {T}.")
     if int(K) < 1:
         raise ValueError(f"steer: `K` must be >= 1 segment; got {K}.")
     bad = [c for c in controls if c not in CONTROLLABLE]
@@ -421,19 +495,22 @@ def steer(
             "only targets of the same rank are reachable."
         )
     K = int(K)
-    base = default_base(d, dtype=jnp.float64) if base is None else base
+    base = default_base(d) if base is None else base
     if base.mlp != "affine" or base.attention not in ("softmax",) or base.layer_times is not None:
         raise ValueError("steer: `base` must be a depth-constant Model with softmax attention and mlp='affine'.")
-    if base.dtype != jnp.float64:
-        raise ValueError(f"steer: `base` must be float64 (enable jax_enable_x64); got {base.dtype}.")
+    if base.d != d:
+        raise ValueError(f"steer: `base` has dimension {base.d}; the moments have d = {d}.")
+    dtype = jnp.dtype(base.dtype)
+    tol = max(float(tol), resolution(m1, S1, dtype))
 
     h = float(T) / K
-    L0 = covariance_factor(jnp.asarray(S0))
-    consts = (base, jnp.asarray(m0), L0, jnp.asarray(m1), jnp.asarray(S1), h, int(n_sub), float(effort))
+    jm0, jS0, jm1, jS1 = (jnp.asarray(x, dtype) for x in (m0, S0, m1, S1))
+    L0 = covariance_factor(jS0)
+    consts = (base, jm0, L0, jm1, jS1, h, int(n_sub), float(effort))
     V_step = jnp.tile(jnp.asarray(base.V), (K, 1, 1))
 
     def guess(alpha):
-        g = {k: jnp.asarray(v, jnp.float64) for k, v in initial_controls(base, m0, S0, m1, S1, float(T), K, r0, alpha).items()}
+        g = {k: jnp.asarray(v, dtype) for k, v in initial_controls(base, m0, S0, m1, S1, T, K, r0, alpha).items()}
         return {k: g[k] for k in controls}, {k: v for k, v in g.items() if k not in controls}
 
     def lbfgs(params, fixed, tol_, iters, history):
@@ -458,7 +535,7 @@ def steer(
     params, fixed = guess(1.0)
     init_params, init_fixed = dict(params), dict(fixed)
     history = [float(_distance(params, (fixed,) + consts))]
-    scale = float(bures_wasserstein(jnp.asarray(m0), jnp.asarray(S0), jnp.asarray(m1), jnp.asarray(S1)))
+    scale = float(bures_wasserstein(jm0, jS0, jm1, jS1))
     iterations, stages = 0, [1.0]
     if np.isfinite(history[0]) and history[0] < 0.5 * max(scale, 1e-12):
         best, best_d, it = lbfgs(params, fixed, tol, max_iters, history)
@@ -502,13 +579,14 @@ def steer(
         return Model.piecewise(layers, times=h * np.arange(1, K)) if K > 1 else layers[0]
 
     model, init_model = build(best, fixed), build(init_params, init_fixed)
-    sol = simulate_gaussian(model, m0, S0, float(T), n_save=n_save, rtol=1e-10, atol=1e-12)
-    dist = float(bures_wasserstein(sol.means[-1], sol.covs[-1], jnp.asarray(m1), jnp.asarray(S1)))
+    rtol, atol = (1e-10, 1e-12) if dtype == jnp.float64 else (None, None)  # float32: simulate_gaussian's defaults
+    sol = simulate_gaussian(model, jm0, jS0, T, n_save=n_save, rtol=rtol, atol=atol)
+    dist = float(bures_wasserstein(sol.means[-1], sol.covs[-1], jm1, jS1))
     if not bool(sol.valid[-1]):
         dist = float("inf")
     return SteerResult(
         model=model, distance=dist, optimiser_distance=float(best_d), initial_distance=history[0],
         history=np.asarray(history), iterations=iterations, seconds=seconds, homotopy=tuple(stages), ts=np.asarray(sol.ts),
         means=np.asarray(sol.means), covs=np.asarray(sol.covs), controls=tuple(controls),
-        initial_model=init_model,
+        initial_model=init_model, dtype=str(dtype), tol=tol,
     )

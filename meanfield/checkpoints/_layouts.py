@@ -10,6 +10,7 @@ within one (Llama / Qwen2 / Gemma share tensor names). Every matrix is returned 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable
 
 import numpy as np
@@ -44,6 +45,32 @@ def _cfg(config, *names, default=None):
         if config.get(n) is not None:
             return config[n]
     return default
+
+
+def _cfg_int(config, path, *names, default=0) -> int:
+    """A positive-integer config field (the first of ``names`` present), else ``default``."""
+    for n in names:
+        v = config.get(n)
+        if v is None:
+            continue
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(f"{path}: config.json field {n} = {v!r}; expected a positive integer.")
+        return v
+    return default
+
+
+def _cfg_str(config, path, *names, default=None) -> str:
+    for n in names:
+        v = config.get(n)
+        if v is not None and not isinstance(v, str):
+            raise CheckpointError(f"{path}: config.json field {n} = {v!r}; expected a string.")
+    return _cfg(config, *names, default=default)
+
+
+class _LayerError(Exception):
+    """A builder's complaint about one layer's tensors; `load_checkpoint` adds the path and layer."""
 
 
 def _gated_kind(act: str) -> str:
@@ -96,8 +123,13 @@ def _build_llama(get, opt, dims):
 
 def _build_neox(get, opt, dims):
     H, hd, d = dims["H"], dims["hd"], dims["d"]
-    w = get("attention.query_key_value.weight").reshape(H, 3, hd, d)
+    w = get("attention.query_key_value.weight")
     b = opt("attention.query_key_value.bias")
+    if w.shape != (3 * H * hd, d) or (b is not None and b.shape != (3 * H * hd,)):
+        raise _LayerError(f"attention.query_key_value has weight shape {w.shape}"
+                          f"{'' if b is None else f' and bias shape {b.shape}'}; expected ({3 * H * hd}, {d}) "
+                          f"and ({3 * H * hd},) for {H} heads of dimension {hd}.")
+    w = w.reshape(H, 3, hd, d)
     b = None if b is None else b.reshape(H, 3, hd)
     q, k, v = (np.ascontiguousarray(w[:, j].reshape(H * hd, d)) for j in range(3))
     bq, bk, bv = (None, None, None) if b is None else (np.ascontiguousarray(b[:, j].reshape(H * hd)) for j in range(3))
@@ -122,7 +154,11 @@ def _build_phi(get, opt, dims):
 
 def _build_phi3(get, opt, dims):
     q_rows, kv_rows = dims["q_rows"], dims["kv_rows"]
-    w_q, w_k, w_v = _split_rows(get("self_attn.qkv_proj.weight"), (q_rows, kv_rows, kv_rows))
+    w_qkv = get("self_attn.qkv_proj.weight")
+    if w_qkv.shape[0] != q_rows + 2 * kv_rows:
+        raise _LayerError(f"self_attn.qkv_proj.weight has {w_qkv.shape[0]} rows; expected {q_rows + 2 * kv_rows} "
+                          f"(query {q_rows} + 2 x key/value {kv_rows}).")
+    w_q, w_k, w_v = _split_rows(w_qkv, (q_rows, kv_rows, kv_rows))
     gate_up = get("mlp.gate_up_proj.weight")
     h = gate_up.shape[0] // 2
     return LayerWeights(
@@ -208,9 +244,9 @@ def _family(layout: Layout, config: dict, has) -> str:
 def _heads(config, path, *, q_rows, kv_rows, hd_hint=0):
     """(H, KV, hd) from config.json (num_attention_heads / n_head, num_key_value_heads, head_dim), checked
     against the tensor rows; 0 where unknown (no config and no tensor that fixes it)."""
-    H = int(_cfg(config, "num_attention_heads", "n_head", default=0))
-    KV = int(_cfg(config, "num_key_value_heads", default=H))
-    hd = int(_cfg(config, "head_dim", default=0)) or hd_hint or (q_rows // H if H else 0)
+    H = _cfg_int(config, path, "num_attention_heads", "n_head", default=0)
+    KV = _cfg_int(config, path, "num_key_value_heads", default=H)
+    hd = _cfg_int(config, path, "head_dim", default=0) or hd_hint or (q_rows // H if H else 0)
     if not H and hd:
         H, KV = q_rows // hd, kv_rows // hd
     if H and (H * hd != q_rows or KV * hd != kv_rows or H % max(KV, 1)):
@@ -234,28 +270,39 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
     files, cfg, p = resolve(path)
     if config is not None:
         cfg = dict(config)
+    mt = cfg.get("model_type")
+    if mt is not None and not isinstance(mt, str):
+        raise CheckpointError(f"{p}: config.json field model_type = {mt!r}; expected a string.")
     store = TensorStore(files)
     layout, prefix = _detect(store, cfg, p)
     has0 = lambda s: prefix.format(i=0) + s in store  # noqa: E731
     arch = _family(layout, cfg, has0)
     L = 0
     while all(prefix.format(i=L) + r in store for r in layout.required):
+        for r in layout.required:
+            shp = store.shape(prefix.format(i=L) + r)
+            if len(shp) != 2 or 0 in shp:
+                raise CheckpointError(f"{p}: tensor {prefix.format(i=L) + r!r} has shape {shp}; expected a non-empty matrix.")
         L += 1
+    _check_layer_count(store, cfg, p, layout, prefix, L)
 
-    def shape(s):
-        return store.shape(prefix.format(i=0) + s)
+    def shape(s, ndim=2):
+        shp = store.shape(prefix.format(i=0) + s)
+        if len(shp) != ndim:
+            raise CheckpointError(f"{p}: tensor {prefix.format(i=0) + s!r} has shape {shp}; expected {ndim} dimension(s).")
+        return shp
 
     # dimensions
     if layout.name == "gpt2":
         d = shape("attn.c_attn.weight")[0]
         H, KV, hd = _heads(cfg, p, q_rows=d, kv_rows=d)
-        act = _cfg(cfg, "activation_function", default="gelu_new")
+        act = _cfg_str(cfg, p, "activation_function", default="gelu_new")
         norm, mlp_kind, parallel = "layernorm", _plain_kind(act), False
     elif layout.name == "llama":
         q_rows, d = shape("self_attn.q_proj.weight")
-        hd_hint = shape("self_attn.q_norm.weight")[0] if has0("self_attn.q_norm.weight") else 0
+        hd_hint = shape("self_attn.q_norm.weight", 1)[0] if has0("self_attn.q_norm.weight") else 0
         H, KV, hd = _heads(cfg, p, q_rows=q_rows, kv_rows=shape("self_attn.k_proj.weight")[0], hd_hint=hd_hint)
-        act = _cfg(cfg, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh" if arch.startswith("gemma") else "silu")
+        act = _cfg_str(cfg, p, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh" if arch.startswith("gemma") else "silu")
         norm, mlp_kind, parallel = "rmsnorm", _gated_kind(act), False
     elif layout.name == "gpt_neox":
         d = shape("attention.dense.weight")[0]
@@ -263,23 +310,23 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
         if not H:
             raise CheckpointError(f"{p}: GPT-NeoX fuses q/k/v per head; config.json field num_attention_heads is "
                                   "needed to split attention.query_key_value (no config.json found).")
-        act = _cfg(cfg, "hidden_act", default="gelu")
+        act = _cfg_str(cfg, p, "hidden_act", default="gelu")
         norm, mlp_kind, parallel = "layernorm", _plain_kind(act), bool(_cfg(cfg, "use_parallel_residual", default=True))
     elif layout.name == "phi":
         q_rows, d = shape("self_attn.q_proj.weight")
         H, KV, hd = _heads(cfg, p, q_rows=q_rows, kv_rows=shape("self_attn.k_proj.weight")[0])
-        act = _cfg(cfg, "hidden_act", default="gelu_new")
+        act = _cfg_str(cfg, p, "hidden_act", default="gelu_new")
         norm, mlp_kind, parallel = "layernorm", _plain_kind(act), True
     elif layout.name == "phi3":
         d, q_rows = shape("self_attn.o_proj.weight")
         kv_rows = (shape("self_attn.qkv_proj.weight")[0] - q_rows) // 2
         H, KV, hd = _heads(cfg, p, q_rows=q_rows, kv_rows=kv_rows)
-        act = _cfg(cfg, "hidden_act", default="silu")
+        act = _cfg_str(cfg, p, "hidden_act", default="silu")
         norm, mlp_kind, parallel = "rmsnorm", _gated_kind(act), False
     else:  # bert
         d = shape("attention.self.query.weight")[1]
         H, KV, hd = _heads(cfg, p, q_rows=d, kv_rows=d)
-        act = _cfg(cfg, "hidden_act", default="gelu")
+        act = _cfg_str(cfg, p, "hidden_act", default="gelu")
         norm, mlp_kind, parallel = "layernorm", _plain_kind(act), False
     dims = {"d": d, "H": H, "KV": KV, "hd": hd}
     if layout.name == "phi3":
@@ -288,8 +335,12 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
     layers = []
     for i in range(L):
         pre = prefix.format(i=i)
-        layers.append(layout.build(lambda s, pre=pre: store.get(pre + s),
-                                   lambda s, pre=pre: store.get(pre + s) if pre + s in store else None, dims))
+        try:
+            layers.append(layout.build(lambda s, pre=pre: store.get(pre + s, finite=True),
+                                       lambda s, pre=pre: store.get(pre + s, finite=True) if pre + s in store else None,
+                                       dims))
+        except _LayerError as exc:
+            raise CheckpointError(f"{p}: layer {i} ({pre}...): {exc}") from None
     ckpt = Checkpoint(arch=arch, config=cfg, d_model=int(d), num_heads=H, num_kv_heads=KV, head_dim=hd, norm=norm,
                       mlp_kind=mlp_kind, activation=str(act), parallel_residual=parallel, layers=tuple(layers),
                       norm_weight_offset=1.0 if arch.startswith("gemma") else 0.0, source=str(p), dtype=store.dtypes())
@@ -297,21 +348,45 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
     return ckpt
 
 
+def _check_layer_count(store: TensorStore, cfg: dict, p, layout: Layout, prefix: str, L: int) -> None:
+    """Layers 0..L-1 are complete: refuse a partial layer L, tensors of later layers, or a config.json
+    layer count that disagrees (a missing shard or file would otherwise shorten the analysis silently)."""
+    pre = prefix.format(i=L)
+    partial = [r for r in layout.required if pre + r in store]
+    if partial:
+        missing = [r for r in layout.required if pre + r not in store]
+        raise CheckpointError(f"{p}: layer {L} is incomplete: {pre}{{{', '.join(missing)}}} missing "
+                              f"(layers 0-{L - 1} are complete).")
+    head = re.escape(prefix.partition("{i}")[0])
+    later = sorted({int(m.group(1)) for n in store.names if (m := re.match(head + r"([0-9]+)\.", n))} - set(range(L)))
+    if later:
+        raise CheckpointError(f"{p}: layers 0-{L - 1} are complete, but tensors of layer(s) "
+                              f"{', '.join(map(str, later[:8]))}{' ...' if len(later) > 8 else ''} are present without "
+                              f"layer {L}'s {{{', '.join(layout.required)}}} (a missing shard or file?).")
+    n = _cfg_int(cfg, p, "num_hidden_layers", "n_layer", default=0)
+    if n and n != L:
+        raise CheckpointError(f"{p}: config.json says {n} layers but the tensors hold {L} complete layers "
+                              f"({prefix.format(i=0)}... to {prefix.format(i=L - 1)}...).")
+
+
 def _check_shapes(ckpt: Checkpoint, prefix: str) -> None:
-    """Every layer's matrices have the (out, in) shapes the dimensions imply."""
+    """Every layer's matrices, norms and biases have the shapes the dimensions imply."""
     d = ckpt.d_model
     for i, lw in enumerate(ckpt.layers):
         h = lw.w_up.shape[0]
         qo = lw.w_q.shape[0]
         kvo = lw.w_k.shape[0]
         want = {"w_q": (qo, d), "w_k": (kvo, d), "w_v": (kvo, d), "w_o": (d, qo), "w_up": (h, d), "w_down": (d, h),
-                "ln1_weight": (d,), "ln2_weight": (d,)}
-        if lw.w_gate is not None:
-            want["w_gate"] = (h, d)
+                "ln1_weight": (d,), "ln2_weight": (d,), "w_gate": (h, d), "b_q": (qo,), "b_k": (kvo,), "b_v": (kvo,),
+                "b_o": (d,), "b_up": (h,), "b_down": (d,), "ln1_bias": (d,), "ln2_bias": (d,),
+                "post_attn_norm_weight": (d,), "post_mlp_norm_weight": (d,)}
         if ckpt.num_heads:
             want["w_q"] = (ckpt.num_heads * ckpt.head_dim, d)
             want["w_k"] = want["w_v"] = (ckpt.num_kv_heads * ckpt.head_dim, d)
+            want["q_norm_weight"] = want["k_norm_weight"] = (ckpt.head_dim,)
         for name, shp in want.items():
+            if getattr(lw, name) is None:
+                continue
             got = getattr(lw, name).shape
             if got != shp:
                 raise CheckpointError(f"{ckpt.source}: layer {i} ({prefix.format(i=i)}...) {name} has shape {got}; "

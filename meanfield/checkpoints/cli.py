@@ -6,13 +6,18 @@ Per layer: ||W_mlp||_2, ||W_attn||_2, rho = ||W_mlp||_2/||W_attn||_2 and the pro
 condition number of `meanfield.rule.propagate`. Default precision is the rule's per-model script (each
 step in float64, C stored in float32); ``--float64`` keeps C in float64. Writes weights.csv, weights.nc
 (xarray, dims attention x layer) and weights.png into ``--out`` (default runs/weights/<name>).
-Exit 0 on success, 2 for a bad path, checkpoint or option (one message naming the path / field).
+Exit 0 on success, 2 for a bad path, checkpoint or option: one line naming the file and the fault, never a
+traceback. Refused: damaged or truncated safetensors files (the header is checked against the file size
+before anything is read), a sharded index naming a missing shard, config.json that is not a JSON object or
+whose fields contradict the tensors, incomplete layers, weights holding NaN / inf, and a model whose d x d
+matrices would not fit in memory. All-zero W_mlp / W_attn (rho undefined) are analysed with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import pathlib
 import sys
 
@@ -52,7 +57,9 @@ def analyse(ckpt, attentions, *, fold_gains=False, float64=False):
         W_mlp, W_attn = layer_matrices(ckpt, att, fold_gains=fold_gains, dtype=np.float64)
         mn, an = rule.spectral_norms(W_mlp), rule.spectral_norms(W_attn)
         traj = rule.propagate(W_mlp, W_attn, dtype="float64", store_dtype="float64" if float64 else "float32")
-        for k, v in (("mlp_norm", mn), ("attn_norm", an), ("rho", mn / an), ("erank", traj.erank),
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero norm: reported as such by `run`
+            rho = mn / an
+        for k, v in (("mlp_norm", mn), ("attn_norm", an), ("rho", rho), ("erank", traj.erank),
                      ("cond", traj.cond), ("lam_min", traj.lam_min)):
             out[k].append(np.asarray(v, np.float64))
         del W_mlp, W_attn
@@ -77,6 +84,28 @@ def analyse(ckpt, attentions, *, fold_gains=False, float64=False):
                     "float64 steps, C stored in float32 (the rule's per-model script)",
                     method="C_0 = I, A_l = I + W_mlp + W_attn, C_{l+1} = A C A^T / ||A C A^T||_2 (meanfield.rule.propagate)")
     return ds
+
+
+def _memory_estimate(ckpt) -> int:
+    """Peak bytes of `analyse`, roughly: W_mlp, W_attn, A and its copies, (L, d, d) float64 each."""
+    return 6 * ckpt.num_layers * ckpt.d_model ** 2 * 8
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no check
+        return 0
+
+
+def _nonfinite(ds) -> str:
+    """'erank at layers 3, 4; ...' for the quantities that are NaN or inf (rho of a zero norm excepted)."""
+    out = []
+    for k in ("mlp_norm", "attn_norm", "erank", "cond", "lam_min"):
+        bad = np.flatnonzero(~np.isfinite(ds[k].values).all(axis=0))
+        if bad.size:
+            out.append(f"{k} at layer(s) {', '.join(map(str, bad[:8]))}{' ...' if bad.size > 8 else ''}")
+    return "; ".join(out)
 
 
 def summary_lines(ds) -> list[str]:
@@ -154,18 +183,30 @@ def run(args) -> int:
     path = pathlib.Path(args.path)
     try:
         ckpt = load_checkpoint(path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointError) as exc:
         return _error(str(exc))
-    except CheckpointError as exc:
-        return _error(str(exc))
+    except (OSError, ValueError, TypeError, IndexError, KeyError, MemoryError) as exc:
+        # the readers check the files (CheckpointError); this only keeps a case they miss from a traceback
+        return _error(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}).")
     attentions = ("wo", "value") if args.attention == "both" else (args.attention,)
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / "weights" / (path.stem if path.is_file() else path.resolve().name)
     if out.exists() and not out.is_dir():
         return _error(f"--out {out}: exists and is not a directory")
+    need, have = _memory_estimate(ckpt), _physical_memory()
+    if have and need > have:
+        return _error(f"{path}: d_model {ckpt.d_model} x {ckpt.num_layers} layers needs about {need / 2 ** 30:.3g} GiB for "
+                      f"the per-layer d x d matrices of the rule; this machine has {have / 2 ** 30:.3g} GiB.")
     try:
         ds = analyse(ckpt, attentions, fold_gains=args.fold_gains, float64=args.float64)
     except (CheckpointError, ValueError) as exc:
         return _error(f"{path}: {exc}")
+    except MemoryError:
+        return _error(f"{path}: out of memory (d_model {ckpt.d_model} x {ckpt.num_layers} layers: about "
+                      f"{need / 2 ** 30:.3g} GiB).")
+    bad = _nonfinite(ds)
+    if bad:
+        return _error(f"{path}: the analysis gave non-finite values ({bad}); the weights are finite but too large or "
+                      "degenerate for the rule, so no numbers are reported.")
     print(f"{path}: {ckpt.arch}, {ckpt.num_layers} layers, d_model {ckpt.d_model}, heads {ckpt.num_heads} "
           f"(kv {ckpt.num_kv_heads}, head_dim {ckpt.head_dim}), stored {ckpt.dtype}; {ds.attrs['precision']}")
     for a in attentions:
@@ -175,13 +216,22 @@ def run(args) -> int:
               "is not comparable with square-W_o models")
     if args.fold_gains:
         print("  norm gains folded into W_up / W_v (Gemma post-norms into W_down / W_o)")
+    for att in attentions:
+        s = ds.sel(attention=att)
+        zero = [int(i) for i in s.layer.values if not (s.mlp_norm.values[i] > 0 and s.attn_norm.values[i] > 0)]
+        if zero:
+            print(f"  warning [{att}]: ||W_mlp|| or ||W_attn|| is exactly 0 at layer(s) {', '.join(map(str, zero))}: rho is "
+                  "0, inf or nan (undefined) there (all-zero weights: an untrained or damaged checkpoint?)")
     print_table(ds)
     for line in summary_lines(ds):
         print(line)
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(ds, out / "weights.csv")
-    ds.to_netcdf(out / "weights.nc", engine="h5netcdf")
-    plot(ds, out / "weights.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(ds, out / "weights.csv")
+        ds.to_netcdf(out / "weights.nc", engine="h5netcdf")
+        plot(ds, out / "weights.png")
+    except OSError as exc:
+        return _error(f"--out {out}: cannot write ({exc.strerror or exc}).")
     for f in ("weights.csv", "weights.nc", "weights.png"):
         print(f"wrote {out / f}")
     return 0
