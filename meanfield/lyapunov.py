@@ -29,6 +29,10 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from .model.field import moment_field, particle_field
+from .simulate.checks import (
+    check_covariance, check_finite, check_model_finite, check_number, check_solver_options, check_span,
+    concrete_scalar,
+)
 from .simulate.solvers import default_tolerances, make_controller, make_solver
 
 
@@ -66,6 +70,16 @@ class LyapunovResult(NamedTuple):
             "meanfield.LyapunovResult", rows, "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
 
 
+def _check_inputs(where, t0, t1, interval, discard) -> None:
+    """Finite depths with t1 > t0, interval > 0, 0 <= discard < t1 - t0 (when concrete)."""
+    check_span(where, t0, t1)
+    check_number(where, "interval", interval, gt=0)
+    check_number(where, "discard", discard, ge=0)
+    a, b, c = concrete_scalar(t0), concrete_scalar(t1), concrete_scalar(discard)
+    if None not in (a, b, c) and not c < b - a:
+        raise ValueError(f"{where}: `discard` must be < t1 - t0 = {b - a:g} (nothing would be averaged); got {c:g}.")
+
+
 def lyapunov_spectrum(
     field: Callable,
     y0,
@@ -100,11 +114,20 @@ def lyapunov_spectrum(
             flow restricted to the manifold (e.g. the product of spheres under layer norm).
 
     Returns: `LyapunovResult`. Exponents are in units of 1/depth.
+
+    Raises:
+        ValueError: naming the argument, for concrete inputs that are not valid numbers: `y0`
+            holding NaN / inf, `t0` / `t1` not finite or `t1 <= t0`, `interval` not finite and
+            > 0, `discard` negative or >= t1 - t0, `dt0` / `rtol` / `atol` not finite and > 0.
     """
+    where = "lyapunov_spectrum"
     flat0, unravel = ravel_pytree(y0)
     dim = flat0.shape[0]
     if not 1 <= k <= dim:
         raise ValueError(f"k: must be between 1 and the state dimension {dim}; got {k}")
+    _check_inputs(where, t0, t1, interval, discard)
+    check_finite(where, "y0", flat0)
+    check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
     dtype = flat0.dtype
     n_int = max(1, int(round((t1 - t0) / interval)))
     edges = jnp.linspace(t0, t1, n_int + 1, dtype=dtype)
@@ -172,6 +195,8 @@ def particle_lyapunov(model, X0, t1: float, k: int, **kwargs) -> LyapunovResult:
     $P_{\hat x_i}$. Without that, the n radial directions would enter the spectrum: $|x_i|$ is
     conserved, so a tangent's radial part is too, and a random start pays $\log\sqrt d / T$ of bias
     before it aligns with them."""
+    check_finite("particle_lyapunov", "X0", X0)
+    check_model_finite("particle_lyapunov", model)
     impl = kwargs.pop("attention_impl", "auto")
     kwargs.setdefault("jump_ts", model.layer_times)
     if model.norm == "sphere":
@@ -195,6 +220,12 @@ def gaussian_lyapunov(model, m0, S0, t1: float, k: int, **kwargs) -> LyapunovRes
 
     The state is $(m, \mathrm{vech}\,S)$ (d + d(d+1)/2 numbers), so tangents stay symmetric. Valid while
     S stays finite (a blow-up makes `finite` False)."""
+    m0, S0 = jnp.asarray(m0), jnp.asarray(S0)
+    check_finite("gaussian_lyapunov", "m0", m0)
+    # vech keeps the upper triangle only: an asymmetric or indefinite S0 would silently become
+    # another problem, so (like simulate_gaussian) it is refused.
+    check_covariance("gaussian_lyapunov", "S0", S0)
+    check_model_finite("gaussian_lyapunov", model)
     d = m0.shape[-1]
     iu = _vech_index(d)
 

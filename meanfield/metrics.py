@@ -17,6 +17,18 @@ For a Gaussian $N(m,S)$ the same rank observables are those of the second-moment
 $G = mm^\top + S$ (the limit of $X^\top X/n$ for i.i.d. tokens): `gaussian_effective_rank`,
 `gaussian_rank_one_distance`. Covariance statistics: `cov_trace`, `cov_logdet`,
 `cov_condition`, `numerical_rank`, and `empirical_covariance` for particles.
+
+Non-finite input. Every observable returns NaN when its input holds a NaN, and also for inf
+except where the value is meaningful: `rms_norm` and `cov_trace` (an infinite variance on the
+diagonal) give inf, `empirical_mean` gives inf in an infinite coordinate. The check is a
+`jnp.where` on an all-finite mask (no Python branching: jit / vmap as before), and finite inputs
+give bit-identical numbers. Counts (`cluster_count`, `numerical_rank`) are returned as floats (in
+the input's float dtype, exact for counts below 2^24 in float32) so that they can be NaN.
+
+Scale. The scale-free observables (ranks, distances relative to |X|, cosines, cluster counts)
+and `rms_norm` / `diameter` first rescale X by a power of two (exact) when its largest entry is
+so large or small that sums of squares would overflow or underflow (outside [2^-32, 2^32] in
+float32, [2^-256, 2^256] in float64); inside that band X is used as given.
 """
 
 from __future__ import annotations
@@ -27,10 +39,54 @@ import jax.numpy as jnp
 from ._types import Cov, Mean, Tokens
 
 
+def _finite(*arrays) -> jax.Array:
+    """True when every entry of every array is finite (a scalar bool, traceable)."""
+    ok = jnp.array(True)
+    for a in arrays:
+        ok = ok & jnp.all(jnp.isfinite(a))
+    return ok
+
+
+def _nan_unless(ok, value) -> jax.Array:
+    """`value` where `ok`, NaN elsewhere (same dtype; bit-identical where ok)."""
+    return jnp.where(ok, value, jnp.asarray(jnp.nan, value.dtype))
+
+
+def _zeroed(X) -> jax.Array:
+    """X with non-finite entries set to 0, so no linear-algebra kernel ever sees NaN / inf (the
+    result is masked to NaN afterwards); X itself, bit for bit, when finite."""
+    return jnp.where(jnp.isfinite(X), X, jnp.zeros((), X.dtype))
+
+
+def _pow2_exponent(big, dtype) -> jax.Array:
+    """k such that big * 2^-k lies in [0.5, 1), when `big` (a max |entry|, or its square root for
+    a second moment) is outside the band [2^(minexp/4), 2^(maxexp/4)] where sums of squares are
+    safe; 0 inside it (and for 0)."""
+    fi = jnp.finfo(dtype)
+    lo, hi = 2.0 ** (int(fi.minexp) // 4), 2.0 ** (int(fi.maxexp) // 4)
+    _, e = jnp.frexp(big)
+    return jnp.where((big > hi) | ((big < lo) & (big > 0)), e, 0)
+
+
+def _scaled(X) -> tuple[jax.Array, jax.Array]:
+    """(X 2^-k, k): an exact power-of-two rescaling when X is outside the safe band, else (X, 0)."""
+    k = _pow2_exponent(jnp.max(jnp.abs(X)), X.dtype)
+    return jnp.ldexp(X, -k), k
+
+
+def _tokens(X) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(X with non-finite entries zeroed and rescaled by 2^-k, all-finite flag, k)."""
+    X = jnp.asarray(X)
+    ok = _finite(X)
+    Xs, k = _scaled(_zeroed(X))
+    return Xs, ok, k
+
+
 def _squared_spectrum(X: Tokens) -> jax.Array:
     """p_k = s_k^2 / sum s^2: eigenvalues of the smaller Gram matrix (X^T X or X X^T), normalised.
 
-    O(n d min(n, d)) time and O(min(n, d)^2) memory, so n = 10^6 tokens are fine.
+    O(n d min(n, d)) time and O(min(n, d)^2) memory, so n = 10^6 tokens are fine. X must be
+    finite (callers zero non-finite entries and mask the result).
     """
     G = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
     s2 = jnp.clip(jnp.linalg.eigvalsh(G), 0.0, None)
@@ -44,34 +100,43 @@ def _entropy_rank(p: jax.Array) -> jax.Array:
 
 
 def effective_rank(X: Tokens) -> jax.Array:
-    r"""$\exp(-\sum_k p_k\log p_k)$, $p_k = s_k^2/\sum_j s_j^2$ (Roy & Vetterli on squared singular values)."""
-    return _entropy_rank(_squared_spectrum(X))
+    r"""$\exp(-\sum_k p_k\log p_k)$, $p_k = s_k^2/\sum_j s_j^2$ (Roy & Vetterli on squared singular values).
+    NaN for X holding NaN or inf."""
+    Xs, ok, _ = _tokens(X)
+    return _nan_unless(ok, _entropy_rank(_squared_spectrum(Xs)))
 
 
 def stable_rank(X: Tokens) -> jax.Array:
-    r"""$\lVert X\rVert_F^2/\lVert X\rVert_2^2$."""
-    return 1.0 / jnp.max(_squared_spectrum(X))
+    r"""$\lVert X\rVert_F^2/\lVert X\rVert_2^2$ (NaN for non-finite X)."""
+    Xs, ok, _ = _tokens(X)
+    return _nan_unless(ok, 1.0 / jnp.max(_squared_spectrum(Xs)))
 
 
 def rank_one_distance(X: Tokens) -> jax.Array:
-    r"""Relative Frobenius distance to the nearest rank-one matrix, $\sqrt{1 - s_1^2/\sum s^2}$."""
-    return jnp.sqrt(jnp.clip(1.0 - jnp.max(_squared_spectrum(X)), 0.0, 1.0))
+    r"""Relative Frobenius distance to the nearest rank-one matrix, $\sqrt{1 - s_1^2/\sum s^2}$
+    (NaN for non-finite X)."""
+    Xs, ok, _ = _tokens(X)
+    return _nan_unless(ok, jnp.sqrt(jnp.clip(1.0 - jnp.max(_squared_spectrum(Xs)), 0.0, 1.0)))
 
 
 def consensus_distance(X: Tokens) -> jax.Array:
-    r"""$\lVert X - \mathbf 1 \bar x^\top\rVert_F/\lVert X\rVert_F$: 0 when every token is the same."""
+    r"""$\lVert X - \mathbf 1 \bar x^\top\rVert_F/\lVert X\rVert_F$: 0 when every token is the same
+    (NaN for non-finite X)."""
+    X, ok, _ = _tokens(X)
     dev = X - jnp.mean(X, axis=0)
-    return jnp.sqrt(jnp.sum(dev * dev) / jnp.maximum(jnp.sum(X * X), jnp.finfo(X.dtype).tiny))
+    return _nan_unless(ok, jnp.sqrt(jnp.sum(dev * dev) / jnp.maximum(jnp.sum(X * X), jnp.finfo(X.dtype).tiny)))
 
 
 def mean_cosine(X: Tokens) -> jax.Array:
-    r"""$\frac{1}{n(n-1)}\sum_{i\ne j}\cos(x_i,x_j)$, in O(nd) via $\lVert\sum_i u_i\rVert^2 = \sum_{ij}\langle u_i,u_j\rangle$."""
+    r"""$\frac{1}{n(n-1)}\sum_{i\ne j}\cos(x_i,x_j)$, in O(nd) via $\lVert\sum_i u_i\rVert^2 = \sum_{ij}\langle u_i,u_j\rangle$
+    (NaN for non-finite X)."""
+    X, ok, _ = _tokens(X)
     n = X.shape[0]
     norms = jnp.linalg.norm(X, axis=-1, keepdims=True)
     U = X / jnp.maximum(norms, jnp.finfo(X.dtype).tiny)
     total = jnp.sum(jnp.sum(U, axis=0) ** 2)
     diag = jnp.sum(U * U)
-    return (total - diag) / float(max(n * (n - 1), 1))  # a Python int overflows int32 past n ~ 46341
+    return _nan_unless(ok, (total - diag) / float(max(n * (n - 1), 1)))  # a Python int overflows int32 past n ~ 46341
 
 
 def _pairwise_sq_dists(A, B):
@@ -84,8 +149,9 @@ def diameter(X: Tokens, *, block_size: int = 2048) -> jax.Array:
 
     Uses $\lVert x\rVert^2 + \lVert y\rVert^2 - 2\langle x,y\rangle$ on centred tokens; its absolute
     rounding error is about eps * max|x|^2, so in float32 distances below ~1e-3 |x| are
-    resolved only to a few digits.
+    resolved only to a few digits. NaN for X holding NaN or inf.
     """
+    X, ok, k = _tokens(X)
     X = X - jnp.mean(X, axis=0)
     n = X.shape[0]
     b = min(block_size, n)
@@ -94,14 +160,19 @@ def diameter(X: Tokens, *, block_size: int = 2048) -> jax.Array:
     Xp = jnp.where((jnp.arange(nb * b) < n)[:, None], Xp, X[0])  # pad with a real token
     blocks = Xp.reshape(nb, b, -1)
     per_block = jax.lax.map(lambda blk: jnp.max(_pairwise_sq_dists(blk, X)), blocks)
-    return jnp.sqrt(jnp.max(per_block))
+    return _nan_unless(ok, jnp.ldexp(jnp.sqrt(jnp.max(per_block)), k))
 
 
 def cluster_count(X: Tokens, tol: float = 1e-2) -> jax.Array:
     r"""Number of clusters: connected components of the graph linking tokens closer than
     `tol` times the RMS token norm (single linkage). Dense O(n^2) memory; meant for n up to a
     few thousand. On the sphere (RMS norm 1) `tol` is an absolute chordal distance.
+
+    Returned as a float (X's float dtype; exact for counts below 2^24 in float32) so that it can
+    be NaN: for X holding NaN or inf.
     """
+    X0 = jnp.asarray(X)
+    X, ok, _ = _tokens(X0)
     n = X.shape[0]
     scale = jnp.sqrt(jnp.mean(jnp.sum(X * X, axis=-1)))
     adj = _pairwise_sq_dists(X, X) < (tol * scale) ** 2
@@ -115,65 +186,106 @@ def cluster_count(X: Tokens, tol: float = 1e-2) -> jax.Array:
         return new, jnp.any(new != labels)
 
     labels, _ = jax.lax.while_loop(lambda s: s[1], propagate, (labels0, jnp.array(True)))
-    return jnp.sum(labels == labels0)
+    count = jnp.sum(labels == labels0).astype(jnp.promote_types(X0.dtype, jnp.float32))
+    return _nan_unless(ok, count)
 
 
 def empirical_mean(X: Tokens) -> Mean:
-    return jnp.mean(X, axis=0)
+    """Mean token (d,); every entry NaN when X holds a NaN (an inf coordinate gives inf there)."""
+    X = jnp.asarray(X)
+    mean = jnp.mean(X, axis=0)
+    return jnp.where(jnp.any(jnp.isnan(X)), jnp.asarray(jnp.nan, mean.dtype), mean)
 
 
 def empirical_covariance(X: Tokens) -> Cov:
-    r"""$\frac1n\sum_i (x_i-\bar x)(x_i-\bar x)^\top$ (the empirical measure's covariance, no Bessel factor)."""
-    dev = X - jnp.mean(X, axis=0)
-    return dev.T @ dev / X.shape[0]
+    r"""$\frac1n\sum_i (x_i-\bar x)(x_i-\bar x)^\top$ (the empirical measure's covariance, no Bessel
+    factor); every entry NaN when X holds NaN or inf."""
+    X = jnp.asarray(X)
+    ok = _finite(X)
+    Xz = _zeroed(X)
+    dev = Xz - jnp.mean(Xz, axis=0)
+    return _nan_unless(ok, dev.T @ dev / X.shape[0])
 
 
 def cov_trace(S: Cov) -> jax.Array:
-    return jnp.trace(S)
+    r"""$\operatorname{tr} S$: NaN when S holds a NaN, or an inf anywhere but as +inf on the
+    diagonal (an infinite variance, for which it is +inf)."""
+    S = jnp.asarray(S)
+    tr = jnp.trace(S)
+    infinite_variance = ~jnp.any(jnp.isnan(S)) & (tr == jnp.inf)
+    return jnp.where(_finite(S) | infinite_variance, tr, jnp.asarray(jnp.nan, tr.dtype))
 
 
 def _sym_eigvals(S: Cov) -> jax.Array:
     return jnp.linalg.eigvalsh(0.5 * (S + S.T))
 
 
+def _cov(S) -> tuple[jax.Array, jax.Array]:
+    """(S with non-finite entries zeroed, all-finite flag)."""
+    S = jnp.asarray(S)
+    return _zeroed(S), _finite(S)
+
+
 def cov_logdet(S: Cov) -> jax.Array:
-    r"""$\log\det S$ (-inf when S is singular to rounding)."""
+    r"""$\log\det S$ (-inf when S is singular to rounding; NaN when S holds NaN or inf)."""
+    S, ok = _cov(S)
     lam = _sym_eigvals(S)
-    return jnp.where(jnp.all(lam > 0), jnp.sum(jnp.log(jnp.where(lam > 0, lam, 1.0))), -jnp.inf)
+    return _nan_unless(ok, jnp.where(jnp.all(lam > 0), jnp.sum(jnp.log(jnp.where(lam > 0, lam, 1.0))), -jnp.inf))
 
 
 def cov_condition(S: Cov) -> jax.Array:
-    r"""$\lambda_\max/\lambda_\min$ of S (inf when singular)."""
+    r"""$\lambda_\max/\lambda_\min$ of S (inf when singular; NaN when S holds NaN or inf)."""
+    S, ok = _cov(S)
     lam = _sym_eigvals(S)
-    return jnp.where(lam[0] > 0, lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0), jnp.inf)
+    return _nan_unless(ok, jnp.where(lam[0] > 0, lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0), jnp.inf))
 
 
 def numerical_rank(S: Cov, rtol: float | None = None) -> jax.Array:
-    r"""Number of eigenvalues of S above `rtol` * lambda_max (default 100 d eps)."""
+    r"""Number of eigenvalues of S above `rtol` * lambda_max (default 100 d eps), as a float in S's
+    dtype (NaN when S holds NaN or inf)."""
+    S, ok = _cov(S)
     d = S.shape[-1]
     lam = _sym_eigvals(S)
     rtol = 100 * d * jnp.finfo(S.dtype).eps if rtol is None else rtol
-    return jnp.sum(lam > rtol * jnp.max(jnp.abs(lam)))
+    count = jnp.sum(lam > rtol * jnp.max(jnp.abs(lam))).astype(jnp.promote_types(S.dtype, jnp.float32))
+    return _nan_unless(ok, count)
 
 
-def _second_moment_spectrum(m: Mean, S: Cov) -> jax.Array:
+def _second_moment_spectrum(m: Mean, S: Cov) -> tuple[jax.Array, jax.Array]:
+    """(normalised eigenvalues of G = mm^T + S, all-finite flag of (m, S)); G is rescaled by an
+    exact power of two (m by 2^-k, S by 2^-2k) when its entries would over/underflow."""
+    m, S = jnp.asarray(m), jnp.asarray(S)
+    ok = _finite(m, S)
+    m, S = _zeroed(m), _zeroed(S)
+    big = jnp.maximum(jnp.max(jnp.abs(m)), jnp.sqrt(jnp.max(jnp.abs(S))))
+    k = _pow2_exponent(big, S.dtype)
+    m, S = jnp.ldexp(m, -k), jnp.ldexp(S, -2 * k)
     lam = jnp.clip(_sym_eigvals(S + jnp.outer(m, m)), 0.0, None)
-    return lam / jnp.maximum(jnp.sum(lam), jnp.finfo(S.dtype).tiny)
+    return lam / jnp.maximum(jnp.sum(lam), jnp.finfo(S.dtype).tiny), ok
 
 
 def gaussian_effective_rank(m: Mean, S: Cov) -> jax.Array:
-    r"""Effective rank of $G = mm^\top + S$ (the n -> inf limit of `effective_rank` for i.i.d. tokens)."""
-    return _entropy_rank(_second_moment_spectrum(m, S))
+    r"""Effective rank of $G = mm^\top + S$ (the n -> inf limit of `effective_rank` for i.i.d. tokens);
+    NaN when m or S holds NaN or inf."""
+    p, ok = _second_moment_spectrum(m, S)
+    return _nan_unless(ok, _entropy_rank(p))
 
 
 def gaussian_rank_one_distance(m: Mean, S: Cov) -> jax.Array:
-    r"""$\sqrt{1 - \lambda_1(G)/\operatorname{tr}G}$, $G = mm^\top + S$ (limit of `rank_one_distance`)."""
-    return jnp.sqrt(jnp.clip(1.0 - jnp.max(_second_moment_spectrum(m, S)), 0.0, 1.0))
+    r"""$\sqrt{1 - \lambda_1(G)/\operatorname{tr}G}$, $G = mm^\top + S$ (limit of `rank_one_distance`);
+    NaN when m or S holds NaN or inf."""
+    p, ok = _second_moment_spectrum(m, S)
+    return _nan_unless(ok, jnp.sqrt(jnp.clip(1.0 - jnp.max(p), 0.0, 1.0)))
 
 
 def rms_norm(X: Tokens) -> jax.Array:
-    r"""$\sqrt{\frac1n\sum_i |x_i|^2}$: the token scale, used for growth / blow-up."""
-    return jnp.sqrt(jnp.mean(jnp.sum(X * X, axis=-1)))
+    r"""$\sqrt{\frac1n\sum_i |x_i|^2}$: the token scale, used for growth / blow-up. NaN when X holds
+    a NaN, inf when it holds an inf (and no NaN)."""
+    X = jnp.asarray(X)
+    Xs, ok, k = _tokens(X)
+    r = jnp.ldexp(jnp.sqrt(jnp.mean(jnp.sum(Xs * Xs, axis=-1))), k)
+    bad = jnp.where(jnp.any(jnp.isnan(X)), jnp.asarray(jnp.nan, r.dtype), jnp.asarray(jnp.inf, r.dtype))
+    return jnp.where(ok, r, bad)
 
 
 PARTICLE_OBSERVABLES = {

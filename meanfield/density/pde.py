@@ -35,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..simulate.checks import (
+    all_finite, check_finite, check_model_finite, check_number, check_solver_options, check_span,
+)
 from ..simulate.solvers import make_controller, make_solver, progress_meter, save_times
 from . import grid as _grid
 from .velocity import apply_operator, check_model, layer_operator, resolve_method
@@ -261,10 +264,20 @@ def simulate_density(
         `DensitySolution`.
 
     Raises:
-        ValueError: for a model off the circle, causal attention, bad options.
+        ValueError: for a model off the circle, causal attention, bad options, and, naming the
+            argument, numbers that are not valid: `rho0` or a model array holding NaN / inf,
+            `t0` / `t1` not finite or `t1 <= t0`, `ts` not finite, decreasing or outside
+            [t0, t1], `dt0` / `rtol` / `atol` / `tail_tol` not finite and > 0.
         UnderResolvedError: with `on_underresolved="raise"` when the checks fail.
     """
-    check_model(model, "simulate_density")
+    where = "simulate_density"
+    check_model(model, where)
+    check_model_finite(where, model)
+    check_span(where, t0, t1)
+    check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
+    if tail_tol is not None:
+        check_number(where, "tail_tol", tail_tol, gt=0)
+    check_number(where, "positivity_tol", positivity_tol, ge=0)
     if on_underresolved not in UNDERRESOLVED:
         raise ValueError(f"simulate_density: `on_underresolved` must be one of {list(UNDERRESOLVED)}; "
                          f"got {on_underresolved!r}.")
@@ -272,7 +285,12 @@ def simulate_density(
     tail_tol = default_tail_tol(dtype) if tail_tol is None else float(tail_tol)
     _grid.check_modes(max_modes, "max_modes")
     method = resolve_method(model, method)
+    if not callable(rho0):
+        check_finite(where, "rho0", jnp.asarray(rho0, dtype))
     rho = _initial_state(rho0, modes, tail_tol, max_modes, dtype)
+    if callable(rho0) and all_finite(rho) is False:
+        raise ValueError(f"{where}: `rho0` must give finite values on the grid; got NaN or inf "
+                         f"({int(np.sum(~np.isfinite(np.asarray(rho))))} of {rho.shape[0]} nodes).")
     N = rho.shape[0]
     if float(_grid.spectral_tail(rho)) > tail_tol:
         msg = (f"simulate_density: the initial density needs more than max_modes = {max_modes} modes "
@@ -281,7 +299,7 @@ def simulate_density(
             raise UnderResolvedError(msg)
         warnings.warn(msg, UnderResolvedWarning, stacklevel=2)
     solver_obj, adaptive = make_solver(solver)
-    ts = np.asarray(save_times(t0, t1, ts, n_save, dtype))
+    ts = np.asarray(save_times(t0, t1, ts, n_save, dtype, where))
     d_rtol, d_atol = default_tolerances(dtype)
     controller = make_controller(adaptive, dt0=dt0, rtol=d_rtol if rtol is None else rtol,
                                  atol=d_atol if atol is None else atol, dtype=dtype, jump_ts=model.layer_times)

@@ -55,6 +55,22 @@ def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def _check_finite(where: str, name: str, arr) -> None:
+    """ValueError naming the field when a concrete array holds NaN or inf (after the cast to the
+    model's dtype, so a float64 1e39 that overflows float32 is caught). Traced values (a Model
+    built inside jit / vmap, as the sweep engine does) are not checked."""
+    if isinstance(arr, jax.core.Tracer):
+        return
+    try:
+        host = np.asarray(arr)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if np.issubdtype(host.dtype, np.number) and not np.all(np.isfinite(host)):
+        nan, inf = int(np.isnan(host).sum()), int(np.isinf(host).sum())
+        shown = f"{host.item()!r}" if host.ndim == 0 else f"{nan} NaN and {inf} inf of {host.size} entries"
+        raise ValueError(f"{where}: `{name}` must be finite (every weight, beta, a_attn, a_mlp); got {shown}.")
+
+
 def _as_array(name: str, value: Any, dtype, ndim: int | None) -> jax.Array | None:
     if value is None:
         return None
@@ -63,6 +79,7 @@ def _as_array(name: str, value: Any, dtype, ndim: int | None) -> jax.Array | Non
         raise ValueError(
             f"Model: `{name}` must be a {ndim}-d array; got shape {tuple(arr.shape)}."
         )
+    _check_finite("Model", name, arr)
     return arr
 
 
@@ -98,7 +115,8 @@ class Model(eqx.Module):
 
     Raises:
         ValueError: naming the field, the rule and the value received, for unknown choices,
-            missing matrices and inconsistent shapes.
+            missing matrices, inconsistent shapes, and concrete arrays holding NaN or inf (after
+            the cast to `dtype`; traced values, inside jit / vmap, are not checked).
     """
 
     Q: jax.Array | None
@@ -276,6 +294,8 @@ class Model(eqx.Module):
                 f"Model.piecewise: `times` must hold len(layers) - 1 = {len(layers) - 1} "
                 f"boundaries; got {times.shape[0]}."
             )
+        if not np.all(np.isfinite(times)):
+            raise ValueError(f"Model.piecewise: `times` must be finite; got {times}.")
         if np.any(np.diff(times) <= 0):
             raise ValueError(f"Model.piecewise: `times` must be strictly increasing; got {times}.")
         first = layers[0]
@@ -376,6 +396,7 @@ class Model(eqx.Module):
             new = jnp.asarray(value, old.dtype)
             if new.shape != old.shape:
                 raise ValueError(f"Model.replace: `{name}` must keep shape {old.shape}; got {new.shape}.")
+            _check_finite("Model.replace", name, new)
             out = eqx.tree_at(lambda m, n=name: getattr(m, n), out, new)
         return out
 

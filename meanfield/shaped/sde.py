@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ..simulate.checks import check_covariance, check_number
 from .network import Kernel, clipped_cholesky, residual_weights
 
 DiffusionTensor = Float[Array, "m m m m"]
@@ -156,10 +157,13 @@ class KernelNoiseTerm(diffrax.AbstractTerm):
 
 
 def kernel_correlations(V: Float[Array, "... m m"]) -> Float[Array, "... m m"]:
-    r"""$\rho_{ab} = V_{ab}/\sqrt{V_{aa}V_{bb}}$, over any leading axes (0 where a diagonal entry is <= 0)."""
+    r"""$\rho_{ab} = V_{ab}/\sqrt{V_{aa}V_{bb}}$, over any leading axes (0 where a diagonal entry is <= 0;
+    NaN for every entry of a kernel holding NaN or inf)."""
     d = jnp.diagonal(V, axis1=-2, axis2=-1)
     sq = jnp.sqrt(jnp.maximum(d[..., :, None] * d[..., None, :], 0.0))
-    return jnp.where(sq > 0, V / jnp.where(sq > 0, sq, 1.0), 0.0)
+    rho = jnp.where(sq > 0, V / jnp.where(sq > 0, sq, 1.0), 0.0)
+    finite = jnp.all(jnp.isfinite(V), axis=(-2, -1), keepdims=True)
+    return jnp.where(finite, rho, jnp.nan)  # a non-finite kernel has no correlations (not 0)
 
 
 def offdiag_correlations(V: Float[Array, "... m m"]) -> Float[Array, "... p"]:
@@ -192,13 +196,17 @@ class ShapedSDESolution(eqx.Module):
         kernels: (paths, T, m, m). Exploded paths stay frozen at their first state past the threshold.
         exploded: (paths,) bool: tr V crossed `explode_threshold`, or V became non-finite, before the end.
         min_eig: (paths, T) smallest eigenvalue of each saved kernel; a negative value means Euler–Maruyama
-            left the PSD cone there.
+            left the PSD cone there; NaN for a non-finite kernel.
+        failed: (paths,) bool: the path's final kernel is NaN / inf (one step overflowed before the
+            threshold could freeze it): a recorded failure, not a blow-up measurement. Such paths are
+            also in `exploded` (which has always counted non-finite paths).
     """
 
     ts: jax.Array
     kernels: jax.Array
     exploded: jax.Array
     min_eig: jax.Array
+    failed: jax.Array
 
     def __iter__(self):
         return iter((self.ts, self.kernels, self.exploded))
@@ -246,7 +254,15 @@ def simulate_shaped_sde(
         batch_size: solve paths in chunks of this size (default: all at once).
 
     Returns:
-        `ShapedSDESolution` (ts, kernels (paths, T, m, m), exploded (paths,), min_eig (paths, T)).
+        `ShapedSDESolution` (ts, kernels (paths, T, m, m), exploded (paths,), min_eig (paths, T),
+        failed (paths,)).
+
+    Raises:
+        ValueError: naming the argument: `T`, `dt` not finite and > 0 (or T / dt not an integer);
+            a concrete `V0` holding NaN / inf, not symmetric or not positive semidefinite (beyond
+            rounding, `meanfield.simulate.checks.covariance_rtol`); `c_plus`, `c_minus` not
+            finite; `gamma_attn2`, `gamma_mlp2` outside [0, 1]; `tau0` not > 0;
+            `explode_threshold` NaN or <= 0; bad `n_paths`, `n_save`, `batch_size`, `brownian`.
     """
     V0 = jnp.asarray(V0)
     if not jnp.issubdtype(V0.dtype, jnp.floating):
@@ -254,10 +270,14 @@ def simulate_shaped_sde(
     m = V0.shape[-1]
     if V0.shape != (m, m):
         raise ValueError(f"simulate_shaped_sde: `V0` must be a square (m, m) kernel; got shape {V0.shape}.")
-    if not float(T) > 0:
-        raise ValueError(f"simulate_shaped_sde: `T` must be > 0; got {T!r}.")
-    if not float(dt) > 0:
-        raise ValueError(f"simulate_shaped_sde: `dt` must be > 0; got {dt!r}.")
+    where = "simulate_shaped_sde"
+    check_number(where, "T", T, gt=0)
+    check_number(where, "dt", dt, gt=0)
+    # V0 is a kernel (a Gram matrix): finite, symmetric, positive semidefinite (checked when concrete).
+    check_covariance(where, "V0", V0)
+    for name, v in (("c_plus", c_plus), ("c_minus", c_minus)):
+        check_number(where, name, v)
+    check_number(where, "explode_threshold", explode_threshold, gt=0, allow_inf=True)
     n_steps = int(round(float(T) / float(dt)))
     if n_steps < 1 or abs(n_steps * float(dt) - float(T)) > 1e-9 * max(1.0, float(T)):
         raise ValueError(f"simulate_shaped_sde: `T / dt` must be a positive integer; got T = {T}, dt = {dt}.")
@@ -267,8 +287,6 @@ def simulate_shaped_sde(
         raise ValueError(f"simulate_shaped_sde: `n_save` must be an integer in [2, T/dt + 1 = {n_steps + 1}]; got {n_save!r}.")
     if brownian not in ("unsafe", "virtual"):
         raise ValueError(f"simulate_shaped_sde: `brownian` must be 'unsafe' or 'virtual'; got {brownian!r}.")
-    if not float(explode_threshold) > 0:
-        raise ValueError(f"simulate_shaped_sde: `explode_threshold` must be > 0; got {explode_threshold!r}.")
     a_lin, a_G = diffusion_coefficients(gamma_attn2=gamma_attn2, gamma_mlp2=gamma_mlp2, tau0=tau0, m=m)
     save_idx = np.unique(np.round(np.linspace(0, n_steps, int(n_save))).astype(int))
     keys = jax.random.split(key, int(n_paths))
@@ -286,7 +304,8 @@ def simulate_shaped_sde(
     outs = [solve(padded[i * bs : (i + 1) * bs], V0, params) for i in range(n_chunks)]
     ts = outs[0][0]
     Vs, exploded, min_eig = (jnp.concatenate([o[k] for o in outs])[: int(n_paths)] for k in (1, 2, 3))
-    return ShapedSDESolution(ts=ts, kernels=Vs, exploded=exploded, min_eig=min_eig)
+    failed = ~jnp.all(jnp.isfinite(Vs[:, -1]), axis=(-2, -1))
+    return ShapedSDESolution(ts=ts, kernels=Vs, exploded=exploded, min_eig=min_eig, failed=failed)
 
 
 @functools.partial(jax.jit, static_argnames=("T", "n_steps", "save_idx", "brownian"))
@@ -325,6 +344,7 @@ def _solve_paths(keys, V0, params, *, T, n_steps, save_idx, brownian):
 
     Vs = jax.vmap(one_path)(keys)
     exploded = ~jax.vmap(_alive, in_axes=(0, None))(Vs[:, -1], threshold)
-    finite = jnp.where(jnp.isfinite(Vs), Vs, 0.0)
-    min_eig = jnp.linalg.eigvalsh(finite)[..., 0]
+    ok = jnp.all(jnp.isfinite(Vs), axis=(-2, -1))
+    finite = jnp.where(ok[..., None, None], Vs, 0.0)
+    min_eig = jnp.where(ok, jnp.linalg.eigvalsh(finite)[..., 0], jnp.nan)
     return ts, Vs, exploded, min_eig

@@ -39,6 +39,9 @@ from .._types import Cov, Mean
 from ..model.field import gaussian_closure_error, moment_matrices
 from .core import Trajectory, solve, solve_ensemble
 from .particles import split_layer_times, with_layer_times
+from .checks import (
+    check_covariance, check_finite, check_model_finite, check_number, check_solver_options, check_span,
+)
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
@@ -49,11 +52,13 @@ class GaussianSolution(eqx.Module):
         ts: save times (T,).
         means: (T, d); covs: (T, d, d). A batched call adds a leading axis B to every field
             but `ts`. Save times after a blow-up hold the last state before
-            it (see `valid`), so the arrays never contain NaN or inf.
+            it (see `valid`), so a blow-up never puts NaN or inf in them; after a failure whose
+            state became NaN / inf (`success` False) the saves not `valid` hold that state.
         valid: (T,) bool, True where the save time was actually reached.
         blowup_time: estimated finite-time singularity (inf when none before t1).
         t_end: the depth the solve reached (t1, or the blow-up event).
-        success: False if the solver failed for another reason (max_steps, step collapse).
+        success: False if the solver failed for another reason (max_steps, step collapse) or the
+            state became NaN / inf (a recorded failure, not a blow-up: `blowup_time` stays inf).
         num_steps: accepted solver steps.
     """
 
@@ -102,7 +107,9 @@ def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:
     r"""A square factor L with $LL^\top = S$ whose columns are exactly zero on S's null space.
 
     Eigenvalues below `rank_rtol * lambda_max` (default d * eps) are treated as zero, so a
-    rank-r covariance gets exactly d - r zero columns.
+    rank-r covariance gets exactly d - r zero columns. S must be a covariance up to rounding
+    (`simulate_gaussian` refuses anything else before it gets here): the symmetrisation and the
+    clipping only absorb round-off, they do not repair an asymmetric or indefinite matrix.
     """
     S = 0.5 * (S + S.T)
     lam, U = jnp.linalg.eigh(S)
@@ -137,8 +144,10 @@ def simulate_gaussian(
             causal (anything else has no exact Gaussian closure and is refused), or a batch of B
             such models stacked along a leading axis.
         m0: initial mean (d,) or a batch (B, d). S0: initial covariance (d, d) or (B, d, d),
-            symmetric PSD (may be singular). A batch (of moments, of models, or both) runs the
-            ensemble integrator (`meanfield.simulate.core`): B independent adaptive solves on
+            symmetric positive semidefinite (may be singular). A concrete S0 that is not is
+            refused (see Raises), never symmetrised or clipped into another covariance; only
+            rounding (within `checks.covariance_rtol`) is absorbed. A batch (of moments, of
+            models, or both) runs the ensemble integrator (`meanfield.simulate.core`): B independent adaptive solves on
             `lanes` lanes (default min(B, 256)), each lane refilled when its point finishes.
         t1, t0, ts, n_save, solver, dt0, rtol, atol, max_steps, progress: as in
             `simulate_particles`.
@@ -154,7 +163,14 @@ def simulate_gaussian(
         `GaussianSolution` (ts, means, covs, blowup_time, ...).
 
     Raises:
-        ValueError: if the model has no exact closure (the message says why), or on bad shapes.
+        ValueError: if the model has no exact closure (the message says why), on bad shapes, and,
+            naming the argument, for concrete inputs that are not valid numbers: `m0`, `S0` or a
+            model array holding NaN / inf; `S0` not symmetric (max |S0 - S0^T| above 100 d eps
+            max |S0|) or not positive semidefinite (smallest eigenvalue below -100 d eps times
+            the largest); `t0` / `t1` not finite or `t1 <= t0`; `ts` not finite, decreasing or
+            outside [t0, t1]; `n_save` not an integer >= 2; `dt0` / `rtol` / `atol` not finite
+            and > 0; `blowup_threshold` NaN or <= 1 (inf: never stop). Traced inputs (inside
+            jit / vmap) are not checked.
     """
     why = gaussian_closure_error(model)
     if why is not None:
@@ -172,10 +188,19 @@ def simulate_gaussian(
         raise ValueError(f"simulate_gaussian: batch sizes of `model`, `m0` and `S0` disagree: {sorted(sizes)}.")
     if blowup_threshold is None:
         blowup_threshold = 1e6 if model.dtype == jnp.float64 else 1e3
-    if blowup_threshold <= 1:
-        raise ValueError(f"simulate_gaussian: `blowup_threshold` must be > 1; got {blowup_threshold}.")
+    # Concrete inputs only (traced ones, inside jit / vmap, pass): refuse what is not a number,
+    # and an S0 that is not a covariance (it is never "repaired" into another problem).
+    where = "simulate_gaussian"
+    check_finite(where, "m0", m0)
+    check_covariance(where, "S0", S0)
+    check_model_finite(where, model)
+    check_span(where, t0, t1)
+    check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
+    check_number(where, "blowup_threshold", blowup_threshold, gt=1, allow_inf=True)
+    if rank_rtol is not None:
+        check_number(where, "rank_rtol", rank_rtol, ge=0)
     solver_obj, adaptive = make_solver(solver)
-    ts = save_times(t0, t1, ts, n_save, model.dtype)
+    ts = save_times(t0, t1, ts, n_save, model.dtype, where)
     controller = make_controller(
         adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
     )
@@ -238,11 +263,14 @@ def _finish(traj: Trajectory, model, ts, t0, threshold, log_limit) -> GaussianSo
     # singularity the event threshold could not resolve.
     failed = ~traj.success
     collapsed = failed & (jnp.log(tr + tiny) > log_limit - 0.5 * jnp.log(threshold))
-    blown = traj.event | collapsed
+    # A non-finite end state (a fixed-step solver accepts NaN steps; the event also fires on one)
+    # is a recorded failure, never a blow-up: no finite threshold crossing was seen.
+    finite_end = jnp.all(jnp.isfinite(m_end)) & jnp.all(jnp.isfinite(L_end))
+    blown = (traj.event | collapsed) & finite_end
     blowup = jnp.where(blown, jnp.where(singular, t_end + tau, jnp.where(jnp.isfinite(t_cross), t_cross, t_end)), jnp.inf)
     return GaussianSolution(
         ts=ts, means=means, covs=covs, valid=valid, blowup_time=blowup.astype(ts.dtype),
-        t_end=t_end, success=~failed | collapsed, num_steps=traj.num_steps,
+        t_end=t_end, success=(~failed | collapsed) & finite_end, num_steps=traj.num_steps,
     )
 
 

@@ -20,6 +20,7 @@ from .._types import Tokens
 from ..model.fast_attention import default_rtol, plan_attention
 from ..model.field import particle_field
 from .core import Trajectory, solve, solve_ensemble
+from .checks import check_finite, check_model_finite, check_number, check_solver_options, check_span
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
@@ -30,10 +31,11 @@ class ParticleSolution(eqx.Module):
         ts: save times, shape (T,).
         xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time. A batched
             call adds a leading axis B to `xs`, `success`, `blown_up`, `t_end`, `num_steps`.
-        success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit
-            or step size collapsed; saves after a failure hold inf).
-        blown_up: whether the token scale crossed `blowup_growth` (the solve stopped there;
-            later saves hold inf).
+        success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit,
+            step size collapsed, or the state became NaN / inf, a recorded failure and not a
+            regime; saves after a failure hold inf, reached saves may hold NaN).
+        blown_up: whether the token scale crossed `blowup_growth` with a finite state (the solve
+            stopped there; later saves hold inf).
         t_end: the depth the solve reached.
         num_steps: accepted solver steps.
         solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`; None for a
@@ -152,14 +154,22 @@ def simulate_particles(
         progress: show a progress bar (`tqdm.auto`: a widget in notebooks): over depth for one
             solve, over finished points for a batch.
         blowup_growth: stop (a diffrax event) once the RMS token norm exceeds this multiple of
-            its initial value; None never stops. Without it an exploding run spends `max_steps`
-            on overflowing values.
+            its initial value (a number > 1, inf allowed); None never stops. Without it an
+            exploding run spends `max_steps` on overflowing values.
         lanes: pool size of a batched call (default `min(B, 256)`).
 
     Returns:
         `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables); a batch
         adds a leading axis B to every field but `ts`.
+
+    Raises:
+        ValueError: naming the argument, for concrete inputs that are not valid numbers: `X0` or a
+            model array holding NaN / inf, `t0` / `t1` not finite or `t1 <= t0`, `ts` not finite,
+            decreasing or outside [t0, t1], `n_save` not an integer >= 2, `dt0` / `rtol` / `atol`
+            not finite and > 0, `max_steps` < 1, `blowup_growth` NaN or <= 1; and on bad shapes.
+            Traced inputs (inside jit / vmap) are not checked.
     """
+    where = "simulate_particles"
     X0 = jnp.asarray(X0, model.dtype)
     B = model.batch_size
     if X0.ndim not in (2, 3) or X0.shape[-1] != model.d:
@@ -168,6 +178,13 @@ def simulate_particles(
         )
     if X0.shape[-2] < 1:
         raise ValueError("simulate_particles: `X0` must hold at least one token; got n = 0.")
+    # Concrete inputs only (traced ones, inside jit / vmap, pass): refuse what is not a number.
+    check_finite(where, "X0", X0)
+    check_model_finite(where, model)
+    check_span(where, t0, t1)
+    check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
+    if blowup_growth is not None:
+        check_number(where, "blowup_growth", blowup_growth, gt=1, allow_inf=True)
     if X0.ndim == 3 and B is not None and X0.shape[0] != B:
         raise ValueError(
             f"simulate_particles: `X0` holds a batch of {X0.shape[0]} and `model` a batch of {B}; they must agree."
@@ -194,7 +211,7 @@ def simulate_particles(
     rtol_attn = None if orders is None else (
         default_rtol(model.dtype) if attention_rtol is None else float(attention_rtol))
     solver_obj, adaptive = make_solver(solver)
-    ts = save_times(t0, t1, ts, n_save, model.dtype)
+    ts = save_times(t0, t1, ts, n_save, model.dtype, where)
     controller = make_controller(
         adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=model.dtype, jump_ts=model.layer_times
     )
@@ -246,11 +263,16 @@ def _limit(X0, blowup_growth):
 
 
 def _finish(traj: Trajectory, ts, dense_solution=None) -> ParticleSolution:
-    """A `ParticleSolution` from one trajectory: saves after the stopping depth hold inf."""
+    """A `ParticleSolution` from one trajectory: saves after the stopping depth hold inf.
+
+    A non-finite state where the solve stopped is a failure (`success` False, `blown_up` False),
+    never a blow-up: no finite threshold was seen crossed (a fixed-step solver accepts NaN steps;
+    the blow-up event also fires on a non-finite state)."""
     reached = ts <= traj.t_end
     ys = jax.tree.map(lambda a: jnp.where(reached.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.inf), traj.ys)
-    return ParticleSolution(ts=ts, xs=ys, success=traj.success, blown_up=traj.event, t_end=traj.t_end,
-                            num_steps=traj.num_steps, solution=dense_solution)
+    finite_end = jnp.all(jnp.isfinite(traj.y_end))
+    return ParticleSolution(ts=ts, xs=ys, success=traj.success & finite_end, blown_up=traj.event & finite_end,
+                            t_end=traj.t_end, num_steps=traj.num_steps, solution=dense_solution)
 
 
 @eqx.filter_jit

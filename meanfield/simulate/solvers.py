@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import check_finite, concrete, concrete_scalar
+
 _rk4_tableau = diffrax.ButcherTableau(
     a_lower=(np.array([0.5]), np.array([0.0, 0.5]), np.array([0.0, 0.0, 1.0])),
     b_sol=np.array([1 / 6, 1 / 3, 1 / 3, 1 / 6]),
@@ -130,13 +132,25 @@ def batch_progress(progress: bool, total: int, unit: str):
         bar.close()
 
 
-def save_times(t0, t1, ts, n_save, dtype):
-    """The save grid: `ts` if given, else `n_save` equally spaced times on [t0, t1]."""
+def save_times(t0, t1, ts, n_save, dtype, where: str | None = None):
+    """The save grid: `ts` if given, else `n_save` equally spaced times on [t0, t1].
+
+    Concrete `ts` must be finite, non-decreasing and within [t0, t1] (in `dtype`); `n_save` must be
+    an integer >= 2. `where` prefixes the error messages (the public function's name)."""
+    pre = "" if where is None else f"{where}: "
     if ts is not None:
         ts = jnp.asarray(ts, dtype)
         if ts.ndim != 1:
-            raise ValueError(f"`ts` must be a 1-d array of save times; got shape {ts.shape}.")
+            raise ValueError(f"{pre}`ts` must be a 1-d array of save times; got shape {ts.shape}.")
+        check_finite(where, "ts", ts)
+        host = concrete(ts)
+        lo, hi = concrete_scalar(jnp.asarray(t0, dtype)), concrete_scalar(jnp.asarray(t1, dtype))
+        if host is not None and host.size:
+            if np.any(np.diff(host) < 0):
+                raise ValueError(f"{pre}`ts` must be non-decreasing; got {host}.")
+            if lo is not None and hi is not None and (host[0] < lo or host[-1] > hi):
+                raise ValueError(f"{pre}`ts` must lie in [t0, t1] = [{lo:g}, {hi:g}]; got [{host[0]:g}, {host[-1]:g}].")
         return ts
-    if n_save < 2:
-        raise ValueError(f"`n_save` must be >= 2; got {n_save}.")
+    if isinstance(n_save, (bool, np.bool_)) or not isinstance(n_save, (int, np.integer)) or n_save < 2:
+        raise ValueError(f"{pre}`n_save` must be an integer >= 2; got {n_save!r}.")
     return jnp.linspace(t0, t1, n_save, dtype=dtype)
