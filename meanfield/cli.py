@@ -1,6 +1,8 @@
 """The `meanfield` command: thin wrappers over library calls.
 
     meanfield run FILE [--out DIR] [--resume] [--overwrite] [--quiet]
+                       [--distributed [--coordinator HOST:PORT --num-processes N --process-id I]]
+    meanfield merge RUN_DIR
     meanfield validate FILE
     meanfield plot RUN_DIR
     meanfield list
@@ -109,12 +111,37 @@ def _computes(args) -> bool:
 
 
 def _cmd_run(args) -> int:
+    from .sweep.plan import ConfigError
     from .sweep.run import run_experiment, summary_table
 
+    if args.distributed:
+        from .sweep import distributed
+
+        distributed.start(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
+    elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        raise ConfigError("--coordinator, --num-processes and --process-id need --distributed")
     res = run_experiment(_resolve(args.file), out=args.out, overwrite=args.overwrite, quiet=args.quiet)
+    if res.dataset is None:  # a distributed run's process > 0: process 0 merges and reports
+        st = res.stats
+        print(f"process {st.process} of {st.processes}: computed {st.points} points in {st.chunks} chunks, busy "
+              f"{st.busy_seconds:.2f} of {st.wall_seconds:.2f} s; process 0 merges into {res.run_dir / 'results.nc'}")
+        return 0
     print(summary_table(res.dataset))
-    print(f"computed {res.computed} points in {res.seconds:.2f} s (computation {res.compute_seconds:.2f} s, then merge "
-          f"and figures); dataset: {res.run_dir / 'results.nc'}")
+    across = f" by {res.stats.processes} processes" if res.stats is not None and res.stats.processes > 1 else ""
+    print(f"computed {res.computed} points{across} in {res.seconds:.2f} s (computation {res.compute_seconds:.2f} s, "
+          f"then merge and figures); dataset: {res.run_dir / 'results.nc'}")
+    for f in res.figures:
+        if f.suffix == ".png":
+            print(f"figure: {f}")
+    return 0
+
+
+def _cmd_merge(args) -> int:
+    from .sweep.run import merge_run, summary_table
+
+    res = merge_run(args.run_dir)
+    print(summary_table(res.dataset))
+    print(f"merged {res.dataset.sizes['point']} points; dataset: {res.run_dir / 'results.nc'}")
     for f in res.figures:
         if f.suffix == ".png":
             print(f"figure: {f}")
@@ -228,7 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="resume an interrupted run (the default when the output holds the same config)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
     p.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    d = p.add_argument_group("several processes (jax.distributed; see the README's 'Clusters' section)")
+    d.add_argument("--distributed", action="store_true",
+                   help="start jax.distributed: auto-detect SLURM / Open MPI / TPU pods, or use the three flags below "
+                        "(or MEANFIELD_COORDINATOR, MEANFIELD_NUM_PROCESSES, MEANFIELD_PROCESS_ID)")
+    d.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    d.add_argument("--num-processes", metavar="N", help="number of processes")
+    d.add_argument("--process-id", metavar="I", help="this process's index, 0..N-1")
+    d.add_argument("--init-timeout", metavar="S", help="seconds to wait for the coordinator (default 120; "
+                   "MEANFIELD_INIT_TIMEOUT)")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("merge", help="merge the chunks of a run whose workers stopped before merging")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_merge)
     p = sub.add_parser("validate", help="check a YAML file and print its sweep plan; writes nothing")
     p.add_argument("file")
     p.set_defaults(func=_cmd_validate)
@@ -279,22 +318,35 @@ def _os_error_line(exc: OSError) -> str:
     if path is None and (m := re.search(r"filename = '([^']+)'", text)):
         path = m[1]
     reason = os.strerror(errno) if errno else text[:200]
-    return f"cannot write or read {path}: {reason}" if path else f"input/output error: {reason}"
+    return f"cannot write or read {path}: {reason}" if path else f"input/output failed: {reason}"
 
 
 def main(argv=None) -> int:
     _avoid_eigen_pool_wedge()
     import matplotlib
 
+    from .sweep.distributed import DistributedError
     from .sweep.plan import ConfigError
 
     matplotlib.use("Agg")  # the command line only draws to files; the library leaves the backend alone
 
     args = build_parser().parse_args(argv)
+    code = _dispatch(args, ConfigError, DistributedError)
+    if getattr(args, "distributed", False):
+        import jax
+
+        if jax.distributed.is_initialized():
+            from .sweep import distributed
+
+            distributed.leave(code)  # skip JAX's shutdown barrier: it aborts when a peer died
+    return code
+
+
+def _dispatch(args, ConfigError, DistributedError) -> int:
     try:
         with compile_cache() if _computes(args) else contextlib.nullcontext():
             return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

@@ -109,6 +109,15 @@ def test_overwrite_never_deletes_a_directory_meanfield_did_not_make(tmp_path, ca
     assert thesis.read_text() == "chapter 1" and _tree(thesis.parent) == {"thesis.tex": 9}
 
 
+def test_a_damaged_run_json_is_refused_not_overwritten(tmp_path, capsys):
+    f = _yaml(tmp_path, TINY)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{not json")
+    _refused(capsys, "run", f, "--out", run, names="run.json: damaged")
+    assert (run / "run.json").read_text() == "{not json"
+
+
 def test_out_is_a_file(tmp_path, capsys):
     f = _yaml(tmp_path, TINY)
     target = tmp_path / "notes.txt"
@@ -214,20 +223,20 @@ def test_a_huge_token_file_header_is_refused_unread(tmp_path, capsys):
 
 
 KILL_IN_WRITE = textwrap.dedent("""
-    import os, signal, sys
-    import xarray as xr
+    import os, pathlib, signal, sys
     from meanfield.cli import main
-    real, calls = xr.Dataset.to_netcdf, []
-    def dying(self, path, *a, **k):  # the second chunk: write it, cut it, and die before the rename
-        calls.append(path)
-        real(self, path, *a, **k)
-        if len(calls) == 2:
-            with open(path, "r+b") as fh:
-                fh.truncate(os.path.getsize(path) // 3)
-            os.kill(os.getpid(), signal.SIGKILL)
-    xr.Dataset.to_netcdf = dying
+    real, calls = pathlib.Path.write_bytes, []
+    def dying(self, data):  # the second chunk: write a third of it, then die before the rename
+        if ".nc.tmp" in self.name:
+            calls.append(self)
+            if len(calls) == 2:
+                real(self, bytes(data)[: len(data) // 3])
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, data)
+    pathlib.Path.write_bytes = dying
     sys.exit(main(sys.argv[1:]))
 """)
+
 
 
 @pytest.mark.slow
@@ -238,10 +247,10 @@ def test_sigkill_during_a_chunk_write_loses_nothing(finished_run, tmp_path, caps
     res = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, "run", str(f), "--out", str(out), "--quiet"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == -signal.SIGKILL, res.stderr
-    assert len(list((out / "chunks").glob("*.nc"))) == 1 and len(list((out / "chunks").glob("*.tmp"))) == 1
+    assert len(list((out / "chunks").glob("*.nc"))) == 1 and len(list((out / "chunks").glob("*.tmp*"))) == 1
     rc, stdout, err = _cli(capsys, "run", f, "--out", out, "--quiet")
     assert rc == 0, err
-    assert "computed 4 points" in stdout and not list((out / "chunks").glob("*.tmp"))
+    assert "computed 4 points" in stdout and not list((out / "chunks").glob("*.tmp*"))
     xr.testing.assert_allclose(load_run(out).drop_attrs(), load_run(clean_run).drop_attrs())
 
 
@@ -277,7 +286,7 @@ def test_disk_full_is_one_line_and_keeps_finished_chunks(tmp_path, capsys):
         chunks = sorted((disk / "run" / "chunks").glob("*"))
     assert rc == 1, err
     assert "Traceback" not in err and err.count("error:") == 1 and "finished chunks" in err
-    assert not [c for c in chunks if c.suffix == ".tmp"]
+    assert not [c for c in chunks if ".tmp" in c.name]
 
 
 def test_read_only_output_is_refused(tmp_path, capsys):
@@ -412,7 +421,8 @@ def test_resource_bombs_are_refused_in_bounded_memory_and_time(tmp_path):
                                                 "model.a_mlp": {"lin": [0.1, 2, 20]}, "seed": {"range": [0, 1, 1]}}}),
                  "grid.yaml")
     bomb = _yaml(tmp_path, ALIAS_BOMB, "bomb.yaml")
-    for f, names in ((grid, "200,000,000,000 points"), (bomb, "aliases")):
+    power = _yaml(tmp_path, _raw(sweep={"grid": {"seed": [0]}, "derived": {"model.a_attn": "9**9**9**9"}}), "power.yaml")
+    for f, names in ((grid, "200,000,000,000 points"), (bomb, "aliases"), (power, "sweep.derived.model.a_attn")):
         rc, err, secs = _limited(["validate", f])
         assert rc == 2 and "Traceback" not in err and names in err, err
         assert len(err) < 500 and secs < 60

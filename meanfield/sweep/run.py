@@ -4,11 +4,11 @@ For each group (points that share shapes and options) the point function
 
     numbers -> build Model and initial state -> simulate -> observables over depth, regime
 
-is `jax.vmap`-ed over the group's traced numbers and compiled once. Points are fed in chunks of
-`chunk_size` (the last chunk padded, so no recompile), each chunk's arrays sharded over the local
-devices along the point axis (`NamedSharding(Mesh(devices, ("points",)), P("points"))`), and each
-finished chunk written atomically. With several processes (`jax.distributed`), process p runs
-chunks p, p + P, p + 2P, ... and process 0 merges.
+runs a chunk of a group's points at once (`make_chunk_function`: the ensemble integrator for particles
+and moments; a vmap for the rest) and is compiled once per group. `schedule.run_plan` decides which
+process computes which chunk (claim files; chunks sharded over the local devices along a `points`
+mesh axis) and writes each finished chunk atomically; `run_experiment` is the run's lifecycle:
+validate, check the output directory, compute, merge (process 0), run.json, figures.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import metrics
 from ..regimes import FAILED, REGIMES, classify, regime_code
@@ -36,9 +35,9 @@ from ..simulate.gaussian import simulate_gaussian
 from ..simulate.particles import simulate_particles
 from .build import build_model, initial_moments, initial_tokens, point_keys
 from .config import ExperimentConfig
-from .plan import ConfigError, Group, Plan, config_hash, load_config, make_plan, memory_estimate, set_path
+from .plan import ConfigError, Plan, config_hash, load_config, make_plan, memory_estimate, set_path
 from .store import (
-    RUN_FILES, atomic_write_dataset, atomic_write_text, chunk_path, coordinate_array, done_points, git_commit,
+    RUN_FILES, atomic_write_dataset, atomic_write_text, coordinate_array, done_points, git_commit,
     merge_chunks, read_run_info, read_tokens_file,
 )
 
@@ -335,7 +334,8 @@ def auto_chunk_size(cfg: ExperimentConfig, n_devices: int, traced_paths=()) -> i
 
 @dataclass
 class RunResult:
-    dataset: xr.Dataset
+    dataset: xr.Dataset | None
+    """The merged results (None in a process other than 0 of a distributed run: process 0 merges)."""
     run_dir: Path
     figures: list[Path]
     seconds: float
@@ -343,6 +343,8 @@ class RunResult:
     compute_seconds: float = 0.0
     """Wall time of the computation alone (planning done; chunks computed and written), without
     the merge and the figures."""
+    stats: object = None
+    """This process's `schedule.WorkStats`: points and chunks computed, busy and wall seconds."""
 
 
 STALL_SECONDS = float(os.environ.get("MEANFIELD_STALL_SECONDS", "300"))
@@ -431,100 +433,6 @@ def group_file_tokens(cfg: ExperimentConfig, source_dir: Path | None) -> np.ndar
         raise ConfigError(f"field `initial.path`: {exc}") from None
 
 
-def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path | None = None) -> int:
-    """Compute every point not yet stored under `run_dir/chunks`; returns the number computed."""
-    done = done_points(run_dir, config_hash(plan.config))
-    devices = jax.local_devices()
-    n_dev = len(devices)
-    mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
-    n_proc, proc = jax.process_count(), jax.process_index()
-    remaining = sum(int(np.sum(~np.isin(g.indices, list(done)))) for g in plan.groups)
-    pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
-    bar = None
-    if not quiet and remaining:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=remaining, unit="pt", desc=plan.config.name, dynamic_ncols=True)
-    computed = 0
-    chunk_counter = 0
-    try:
-        for group in plan.groups:
-            todo_mask = ~np.isin(group.indices, list(done))
-            if not todo_mask.any():
-                continue
-            cfg = group.config
-            size = auto_chunk_size(cfg, n_dev, group.traced_paths)
-            file_tokens = group_file_tokens(cfg, source_dir)
-            with jax.enable_x64(cfg.dtype == "float64"):
-                computed += _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc,
-                                       bar, quiet, pause, chunk_counter, remaining, computed)
-                chunk_counter += -(-int(todo_mask.sum()) // size)
-    finally:
-        if bar is not None:
-            bar.close()
-    return computed
-
-
-def _run_group(plan, group, cfg, run_dir, size, file_tokens, done, mesh, n_proc, proc, bar, quiet, pause,
-               chunk_counter, remaining, computed_before) -> int:
-    """Run the missing points of one group in chunks of `size`; returns the number computed."""
-    todo = np.flatnonzero(~np.isin(group.indices, list(done)))
-    n_dev = 1 if mesh is None else mesh.devices.size
-    orders = None
-    if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
-        orders = plan_group_orders(cfg, group, file_tokens)
-    if orders is None and _uses_ensemble(cfg, group.traced_paths):
-        # The ensemble integrator: each device runs its own pool over its share of the chunk.
-        chunk = make_chunk_function(cfg, group.traced_paths, file_tokens, lanes=cfg.output.lanes)
-        if mesh is not None:
-            chunk = jax.shard_map(chunk, mesh=mesh, in_specs=PartitionSpec("points"), out_specs=PartitionSpec("points"),
-                                  check_vma=False)
-        fn = jax.jit(chunk)
-    elif orders is None:
-        fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, file_tokens)))
-    else:
-        # One point at a time, unvmapped: each point is its own (crash-safe) chunk, and the in-jit
-        # fallback of the low-rank attention stays a real branch.
-        one = jax.jit(make_point_function(cfg, group.traced_paths, file_tokens, attention_orders=orders))
-
-        def fn(values):
-            outs = [one({p: v[i] for p, v in values.items()}) for i in range(len(values["__point__"]))]
-            return jax.tree.map(lambda *a: jnp.stack(a), *outs)
-
-        size = n_dev
-        _log(f"[{plan.config.name}] low-rank attention, Chebyshev orders {orders} "
-             f"({int(np.prod(orders))} features), one point per chunk", quiet)
-    # Equal chunks (one compiled shape) that pad by fewer than one point per chunk and device: a last
-    # chunk padded up to the full size would recompute one point thousands of times.
-    n_chunks = -(-len(todo) // size)
-    size = -(-len(todo) // (n_chunks * n_dev)) * n_dev
-    computed = 0
-    for k, start in enumerate(range(0, len(todo), size)):
-        if (chunk_counter + k) % n_proc != proc:
-            continue
-        sel = todo[start:start + size]
-        sel_padded = np.concatenate([sel, np.repeat(sel[-1:], size - len(sel))])  # no recompile
-        values = {p: np.asarray(v[sel_padded]) for p, v in group.values.items()}
-        values["__point__"] = group.indices[sel_padded]  # a batch axis even when no number varies
-        if mesh is not None:
-            sharding = NamedSharding(mesh, PartitionSpec("points"))
-            values = {p: jax.device_put(v, sharding) for p, v in values.items()}
-        t0 = time.perf_counter()
-        with _StallWatch(f"{plan.config.name} chunk {chunk_counter + k}"):
-            out = jax.tree.map(lambda a: np.asarray(a)[: len(sel)], fn(values))
-        idx = group.indices[sel]
-        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out), chunk_path(run_dir, int(idx.min()), int(idx.max())))
-        computed += len(sel)
-        if bar is not None:
-            bar.update(len(sel))
-        else:
-            _log(f"[{plan.config.name}] chunk of {len(sel)} points in {time.perf_counter() - t0:.2f} s "
-                 f"({computed_before + computed}/{remaining})", quiet)
-        if pause:
-            time.sleep(pause)
-    return computed
-
-
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C during `run_experiment`: finished chunks are saved in `run_dir`; the same command resumes."""
 
@@ -575,6 +483,56 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, *, overwrite: bool = F
     return h
 
 
+def _register_run(run_dir: Path, h: str, info: dict) -> None:
+    """Create run.json exclusively (a hard link of a finished temporary file: atomic, fails if it
+    exists), so two configs started at once on one directory cannot both pass `check_run_dir`; if it
+    exists, its config must be ours. Process 0 then marks the run as running."""
+    from .claims import HOST
+
+    target = run_dir / "run.json"
+    tmp = run_dir / f".run.json.{HOST}-{os.getpid()}"
+    tmp.write_text(json.dumps({**info, "status": "running"}, indent=1))
+    try:
+        try:
+            os.link(tmp, target)
+            return
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: exclusive creation, written in place
+            try:
+                fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(tmp.read_text())
+                return
+            except FileExistsError:
+                pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        prev = read_run_info(run_dir) or {}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if prev.get("config_hash") != h:
+        raise ConfigError(f"{run_dir}: another process started a run of a different config here (hash "
+                          f"{prev.get('config_hash')}, {h} now); pass another --out")
+    if jax.process_index() == 0:
+        atomic_write_text(json.dumps({**prev, **info, "status": "running"}, indent=1), target)
+
+
+def _run_info(cfg: ExperimentConfig, plan: Plan, h: str, source_dir: Path | None) -> dict:
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("meanfield")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "config_hash": h, "name": cfg.name, "n_points": plan.n_points, "meanfield_version": version,
+        "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()],
+        "git_commit": git_commit(source_dir or Path.cwd()),
+    }
+
+
 def run_experiment(
     source: str | Path | ExperimentConfig,
     *,
@@ -584,8 +542,14 @@ def run_experiment(
     plots: bool = True,
 ) -> RunResult:
     """Validate, plan, run (resuming), merge, plot; returns a `RunResult` (dataset, run_dir, figures, seconds,
-    computed). The library call behind `meanfield run`."""
-    import importlib.metadata
+    computed). The library call behind `meanfield run`.
+
+    Under `jax.distributed` (or with several commands on one shared directory) every process computes
+    the chunks it can claim (`schedule.run_plan`) until every point is stored; process 0 then merges,
+    writes run.json (with each process's busy time) and draws the figures, and the others return a
+    `RunResult` without a dataset."""
+    from . import distributed
+    from .schedule import run_plan
 
     t_start = time.perf_counter()
     source_dir = None
@@ -598,7 +562,9 @@ def run_experiment(
     for group in plan.groups:  # and every initial-token file read and checked
         group_file_tokens(group.config, source_dir)
     run_dir = Path(out or cfg.output.dir or Path("runs") / cfg.name)
-    h = prepare_run_dir(cfg, run_dir, overwrite=overwrite)
+    proc = jax.process_index()
+    h = (prepare_run_dir if proc == 0 else check_run_dir)(cfg, run_dir, overwrite=overwrite)
+    distributed.barrier("meanfield-prepared")  # process 0 has removed what --overwrite replaces
     try:
         (run_dir / "chunks").mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -607,52 +573,124 @@ def run_experiment(
     except OSError as exc:
         raise ConfigError(f"{run_dir}: cannot write the output directory ({exc.strerror or exc}); pass another --out") from None
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    try:
-        version = importlib.metadata.version("meanfield")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    info = {
-        "config_hash": h, "name": cfg.name, "n_points": plan.n_points, "meanfield_version": version,
-        "jax_version": jax.__version__, "devices": [str(d) for d in jax.devices()],
-        "git_commit": git_commit(source_dir or Path.cwd()),
-    }
-    if jax.process_index() == 0:
+    info = _run_info(cfg, plan, h, source_dir)
+    _register_run(run_dir, h, info)
+    if proc == 0:
         atomic_write_text(config_yaml, run_dir / "config.yaml")
-        prev = read_run_info(run_dir) or {}
-        atomic_write_text(json.dumps({**prev, **info, "status": "running"}, indent=1), run_dir / "run.json")
+    launch = distributed.launch_id()
     n_done_before = len(done_points(run_dir, h))
     if n_done_before and not quiet:
         _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
     t_compute = time.perf_counter()
     try:
-        computed = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir)
+        stats = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir, launch=launch)
     except KeyboardInterrupt:
-        if jax.process_index() == 0:
-            atomic_write_text(json.dumps({**info, "status": "interrupted"}, indent=1), run_dir / "run.json")
+        if proc == 0:
+            prev = read_run_info(run_dir) or info
+            atomic_write_text(json.dumps({**prev, "status": "interrupted"}, indent=1), run_dir / "run.json")
         raise RunInterrupted(run_dir, len(done_points(run_dir, h)), plan.n_points) from None
     compute_seconds = time.perf_counter() - t_compute
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    stats_dir = run_dir / "processes" / launch
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(stats.record()), stats_dir / f"process-{proc}.json")
+    if proc != 0:  # process 0 merges (it must leave last: it hosts JAX's coordination service)
+        return RunResult(None, run_dir, [], time.perf_counter() - t_start, stats.points, compute_seconds, stats)
+    ds, figures, procs = finish_run(run_dir, cfg, plan, info, config_yaml, launch=launch, n_proc=jax.process_count(),
+                                    plots=plots)
+    computed = sum(p["points"] for p in procs) if len(procs) > 1 else stats.points  # by every process of the launch
+    return RunResult(ds, run_dir, figures, time.perf_counter() - t_start, computed, compute_seconds, stats)
 
-        multihost_utils.sync_global_devices("meanfield-merge")
+
+STATS_WAIT_SECONDS = 5.0
+
+
+def _gather_stats(run_dir: Path, launch: str | None, n_proc: int) -> list[dict]:
+    """The launch's per-process records (waiting briefly for peers that are still writing theirs)."""
+    if launch is None:
+        return []
+    d = run_dir / "processes" / launch
+    deadline = time.perf_counter() + STATS_WAIT_SECONDS
+    while len(list(d.glob("process-*.json"))) < n_proc and time.perf_counter() < deadline:
+        time.sleep(0.2)
+    out = []
+    for f in sorted(d.glob("process-*.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    return sorted(out, key=lambda r: r.get("process", 0))
+
+
+def finish_run(run_dir: Path, cfg: ExperimentConfig, plan: Plan, info: dict, config_yaml: str, *,
+               launch: str | None = None, n_proc: int = 1, plots: bool = True):
+    """Merge every chunk into results.nc, complete run.json (with the processes' busy times) and draw
+    the figures; (dataset, figure paths, per-process records). Done once, by one process, after every
+    point is stored."""
+    import shutil
+
+    h = info["config_hash"]
     ds = merge_chunks(run_dir, h)
     ds.attrs.update({
         "name": cfg.name, "description": cfg.description, "config_yaml": config_yaml, "config_hash": h,
-        "meanfield_version": version, "jax_version": jax.__version__,
+        "meanfield_version": info["meanfield_version"], "jax_version": info["jax_version"],
         "devices": ", ".join(info["devices"]), "git_commit": info["git_commit"] or "none",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "simulator": cfg.simulator.kind, "grid_axes": " ".join(plan.grid_axes()),
         "sweep_axes": " ".join(plan.axes),
     })
+    atomic_write_dataset(ds, run_dir / "results.nc")
+    record = {**info, "status": "complete"}
+    procs = _gather_stats(run_dir, launch, n_proc)
+    if procs:
+        walls = [p["wall_seconds"] for p in procs]
+        busy = [p["busy_seconds"] for p in procs]
+        record["processes"] = procs
+        record["load_balance"] = {
+            "processes": len(procs), "processes_launched": n_proc, "slowest_wall_seconds": max(walls), "mean_busy_seconds": round(sum(busy) / len(busy), 3),
+            "idle_fraction_of_slowest": round(1 - busy[walls.index(max(walls))] / max(walls), 4) if max(walls) > 0 else 0.0,
+        }
+    atomic_write_text(json.dumps(record, indent=1), run_dir / "run.json")
+    shutil.rmtree(run_dir / "claims", ignore_errors=True)
+    shutil.rmtree(run_dir / "processes", ignore_errors=True)
     figures: list[Path] = []
-    if jax.process_index() == 0:
-        atomic_write_dataset(ds, run_dir / "results.nc")
-        atomic_write_text(json.dumps({**info, "status": "complete"}, indent=1), run_dir / "run.json")
-        if plots:
-            from .plots import plot_run
+    if plots:
+        from .plots import plot_run
 
-            figures = plot_run(ds, cfg, run_dir / "figures")
-    return RunResult(ds, run_dir, figures, time.perf_counter() - t_start, computed, compute_seconds)
+        figures = plot_run(ds, cfg, run_dir / "figures")
+    return ds, figures, procs
+
+
+def merge_run(run_dir: str | Path, *, plots: bool = True) -> RunResult:
+    """Finish a run whose workers stopped after computing every chunk (e.g. preempted before the
+    merge): merge, run.json, figures. Refuses (ConfigError) a directory with missing points, saying
+    how to compute them. The library call behind `meanfield merge DIR`."""
+    from .plan import config_from_dict
+    from .store import ChunkIndex
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    try:
+        info = read_run_info(run_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if info is None or not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a meanfield run directory (no run.json and config.yaml)")
+    from .plan import parse_yaml
+
+    source = str(run_dir / "config.yaml")
+    cfg = config_from_dict(parse_yaml((run_dir / "config.yaml").read_text(), source), source=source, check_files=False)
+    h = config_hash(cfg)
+    if info.get("config_hash") != h:
+        raise ConfigError(f"{run_dir}: config.yaml (hash {h}) is not the config of run.json ({info.get('config_hash')})")
+    plan = make_plan(cfg, source=source)
+    missing = plan.n_points - len(ChunkIndex(run_dir, h).done & set(range(plan.n_points)))
+    if missing:
+        raise ConfigError(f"{run_dir}: {missing} of {plan.n_points} points are not computed yet; compute them with "
+                          f"`meanfield run {source} --out {run_dir}` (any number of processes), which also merges")
+    info = {**info, **{k: v for k, v in _run_info(cfg, plan, h, None).items() if k not in info}}
+    ds, figures, _ = finish_run(run_dir, cfg, plan, info, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+                                plots=plots)
+    return RunResult(ds, run_dir, figures, time.perf_counter() - t0, 0, 0.0)
 
 
 def summary_table(ds: xr.Dataset) -> str:

@@ -8,6 +8,8 @@
                          (tmp file + fsync + os.replace), named by their first and last point,
                          each stamped with its config hash
       chunks/damaged/    chunk files that failed to read or belong to another config, set aside
+      claims/            which process computes which chunk (claims.py; removed by the merge)
+      processes/         each process's busy time, folded into run.json by the merge
       results.nc         all chunks merged, sorted by point (written at the end)
       figures/           plots
 
@@ -23,16 +25,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
+from .claims import HOST, pid_alive
+
 ENGINE = "h5netcdf"
 
 
-RUN_FILES = ("run.json", "config.yaml", "results.nc", "chunks", "figures")
+RUN_FILES = ("run.json", "config.yaml", "results.nc", "chunks", "figures", "claims", "processes")
 """What meanfield writes in a run directory; `--overwrite` removes these and nothing else."""
 
 
@@ -43,22 +48,27 @@ class IncompleteRunWarning(UserWarning):
 def _atomic(write, path: Path) -> None:
     """write(tmp), fsync, then rename over `path`: readers see the old file or the whole new one.
     A failed write (disk full, read-only) removes its temporary file and re-raises."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{HOST}-{os.getpid()}")  # one per writer: processes share chunks/
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file in the message
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
 
 
 def atomic_write_dataset(ds: xr.Dataset, path: Path) -> None:
-    _atomic(lambda tmp: ds.to_netcdf(tmp, engine=ENGINE), path)
+    """The NetCDF bytes are made in memory, then written by plain file I/O: a full disk is then a clean
+    OSError (HDF5 writing to a full disk left a file object whose later close crashed the interpreter)."""
+    data = ds.to_netcdf(engine=ENGINE)
+    _atomic(lambda tmp: tmp.write_bytes(data), path)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -104,19 +114,61 @@ def set_aside(f: Path, reason: str) -> Path:
     return dest
 
 
-def scan_chunks(run_dir: Path, config_hash: str | None = None) -> dict[Path, np.ndarray]:
-    """Readable chunk files of this config -> their point indices. Damaged or foreign chunks are set
-    aside (chunks/damaged/), leftover temporary files of a killed write removed."""
-    chunks = Path(run_dir) / "chunks"
-    for tmp in chunks.glob("points-*.nc.tmp"):
-        tmp.unlink(missing_ok=True)
-    good: dict[Path, np.ndarray] = {}
-    for f in _chunk_files(run_dir):
+TMP_MAX_AGE = 3600.0
+"""A temporary chunk file of another host untouched this long is a dead writer's leftover."""
+
+
+def _remove_dead_writers_tmp(chunks: Path) -> None:
+    """Temporary files of writes that were killed (their pid is gone on this host, or they are old);
+    other processes' writes in progress are left alone."""
+    for tmp in chunks.glob("points-*.nc.tmp*"):
+        host, _, pid = tmp.name.partition(".tmp-")[2].rpartition("-")
         try:
-            good[f] = _read_chunk_points(f, config_hash)
-        except ValueError as exc:
-            set_aside(f, str(exc))
-    return good
+            dead = (host == HOST and pid.isdigit() and not pid_alive(int(pid))) or not pid.isdigit() or \
+                time.time() - tmp.stat().st_mtime > TMP_MAX_AGE
+            if dead:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
+class ChunkIndex:
+    """The points held by a run's chunk files, re-scanned cheaply: each file is read once (files
+    appear whole, by atomic rename). Damaged or foreign chunks are set aside (chunks/damaged/)."""
+
+    def __init__(self, run_dir: Path, config_hash: str | None = None):
+        self.dir = Path(run_dir) / "chunks"
+        self.config_hash = config_hash
+        self.files: dict[Path, np.ndarray] = {}
+        self.done: set[int] = set()
+        _remove_dead_writers_tmp(self.dir)
+        self.refresh()
+
+    def refresh(self) -> set[int]:
+        present = set(_chunk_files(self.dir.parent))
+        for f in list(self.files):
+            if f not in present:  # set aside by another process
+                del self.files[f]
+                self.done = {int(i) for pts in self.files.values() for i in pts}
+        for f in sorted(present - set(self.files)):
+            try:
+                pts = _read_chunk_points(f, self.config_hash)
+            except ValueError as exc:
+                try:
+                    set_aside(f, str(exc))
+                except FileNotFoundError:  # another process set it aside first
+                    pass
+                continue
+            except FileNotFoundError:
+                continue
+            self.files[f] = pts
+            self.done.update(int(i) for i in pts)
+        return self.done
+
+
+def scan_chunks(run_dir: Path, config_hash: str | None = None) -> dict[Path, np.ndarray]:
+    """Readable chunk files of this config -> their point indices (see `ChunkIndex`)."""
+    return dict(ChunkIndex(run_dir, config_hash).files)
 
 
 def done_points(run_dir: Path, config_hash: str | None = None) -> set[int]:

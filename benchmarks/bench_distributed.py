@@ -1,0 +1,110 @@
+"""Two processes on one core each against one process on one core (issue #15).
+
+Workload: the quickstart's model (tokens on S^2, n = 32, d = 3, softmax + GELU MLP, t1 = 20) over
+256 points (16 spectral ratios, log in [0.05, 20], x 4 beta x 4 seeds), through `meanfield run`:
+
+- one process pinned to core 0 (`taskset -c 0`);
+- two processes under `--distributed` (gloo on 127.0.0.1) pinned to cores 0 and 1.
+
+Each configuration runs twice in fresh processes sharing one compilation cache: the first run fills
+the cache (its compile time is reported), the second is timed (wall time of the slowest process,
+start to exit). The target: speed-up >= 1.8x. The idle fraction of the slowest process comes from
+run.json (`load_balance`: 1 - its busy time / its wall time in the work loop).
+
+    python benchmarks/bench_distributed.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+TARGET = 1.8
+
+
+def config(n_ratio: int, quick: bool) -> dict:
+    return {
+        "name": "bench_distributed", "seed": 0,
+        "model": {"d": 3, "attention": "softmax", "beta": 1.0, "mlp": "two_layer", "activation": "gelu", "norm": "sphere"},
+        "initial": {"kind": "sphere", "n": 16 if quick else 32},
+        "simulator": {"kind": "particles", "t1": 10.0 if quick else 20.0, "n_save": 21},
+        "observables": ["effective_rank", "rank_one_distance"],
+        "sweep": {"grid": {"model.spectral_ratio": {"log": [0.05, 20, n_ratio]}, "model.beta": [1.0, 2.0, 3.0, 4.0],
+                           "seed": [0, 1, 2, 3]}},
+        "plots": {"curves": None},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg_file: Path, out: Path, n_proc: int, env: dict) -> float:
+    """Wall seconds until every process has exited (slowest process)."""
+    shutil.rmtree(out, ignore_errors=True)
+    base = [sys.executable, "-m", "meanfield", "run", str(cfg_file), "--out", str(out), "--quiet"]
+    port = free_port()
+    t0 = time.perf_counter()
+    if n_proc == 1:
+        procs = [subprocess.Popen(["taskset", "-c", "0", *base], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    else:
+        procs = [subprocess.Popen(["taskset", "-c", str(i), *base, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                                   "--num-processes", str(n_proc), "--process-id", str(i)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(n_proc)]
+    for p in procs:
+        out_, err = p.communicate()
+        if p.returncode:
+            sys.exit(f"a process failed ({p.returncode}):\n{err.decode()[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="64 points, n = 16, t1 = 10 (a smoke test; no target)")
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args()
+    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        sys.exit("needs taskset and at least 2 cores")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_distributed-"))
+    cfg = config(4 if args.quick else 16, args.quick)
+    n_points = 4 * 4 * (4 if args.quick else 16)
+    f = tmp / "bench.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, MEANFIELD_CACHE_DIR=str(tmp / "cache"), JAX_PLATFORMS="cpu")
+    res = {"points": n_points}
+    for n in (1, 2):
+        cold = run(f, tmp / f"p{n}", n, env)
+        warm = run(f, tmp / f"p{n}", n, env)
+        info = json.loads((tmp / f"p{n}" / "run.json").read_text())
+        res[f"{n}_process"] = {"cold_s": round(cold, 2), "warm_s": round(warm, 2), "load_balance": info.get("load_balance"),
+                               "processes": info.get("processes")}
+        print(f"{n} process(es), {n} core(s): first run {cold:.1f} s (fills the compile cache), second {warm:.1f} s",
+              flush=True)
+    speedup = res["1_process"]["warm_s"] / res["2_process"]["warm_s"]
+    lb = res["2_process"]["load_balance"] or {}
+    res["speedup"] = round(speedup, 3)
+    print(f"\n{n_points} particle points: 2 processes on 2 cores vs 1 on 1 core: {speedup:.2f}x "
+          f"(target >= {TARGET}x: {'met' if speedup >= TARGET else 'NOT met'}{'; --quick: not judged' if args.quick else ''})")
+    for p in res["2_process"]["processes"] or []:
+        print(f"  process {p['process']}: {p['points']} points in {p['chunks']} chunks, busy {p['busy_seconds']:.1f} s "
+              f"of {p['wall_seconds']:.1f} s (idle {100 * p['idle_fraction']:.1f}%)")
+    print(f"  idle fraction of the slowest process: {100 * lb.get('idle_fraction_of_slowest', float('nan')):.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

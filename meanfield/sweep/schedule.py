@@ -1,0 +1,221 @@
+"""Which process computes which chunk: a fixed grid of chunks per group, taken by claim files.
+
+Every process of a run (one, or N under `jax.distributed`, or several `meanfield run` commands on one
+shared directory) cuts each group's points into the same grid of chunks, from the plan alone. It then
+walks the grid, starting at its own offset, and computes every chunk that still has missing points
+and that it can claim (`claims.py`). When none is left to claim it waits for the chunks its peers
+hold, taking over any whose holder died, until every point of the run is on disk. Fast processes
+take more chunks, so the slowest process finishes close to the mean; under several processes chunks
+are cut to at most 1/`CHUNKS_PER_PROCESS` of a process's share so that the last ones are short.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .claims import Claims
+from .plan import Plan, config_hash
+from .store import ChunkIndex, atomic_write_dataset, chunk_path
+
+CHUNKS_PER_PROCESS = 4
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class Chunk:
+    """One cell of a group's chunk grid: `positions` into the group's points."""
+
+    group: int
+    positions: np.ndarray
+    size: int  # the compiled batch size of the group
+
+    def name(self, plan: Plan) -> str:
+        idx = plan.groups[self.group].indices[self.positions]
+        return f"g{self.group:03d}-{int(idx.min()):07d}-{int(idx.max()):07d}"
+
+
+@dataclass
+class WorkStats:
+    """What one process did: written to run.json (`processes`) by the merging process."""
+
+    process: int
+    processes: int
+    points: int = 0
+    chunks: int = 0
+    busy_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    chunk_seconds: list = field(default_factory=list)
+
+    def record(self) -> dict:
+        from .claims import HOST
+
+        idle = 1.0 - self.busy_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        return {"process": self.process, "host": HOST, "pid": os.getpid(), "points": self.points,
+                "chunks": self.chunks, "busy_seconds": round(self.busy_seconds, 3),
+                "wall_seconds": round(self.wall_seconds, 3), "idle_fraction": round(max(idle, 0.0), 4)}
+
+
+def chunk_grid(plan: Plan, n_dev: int, n_proc: int) -> list[Chunk]:
+    """Every group's chunks, from the plan alone (the same in every process of a launch)."""
+    from .run import auto_chunk_size
+
+    grid = []
+    for gi, group in enumerate(plan.groups):
+        cfg = group.config
+        n = len(group.indices)
+        if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
+            size = n_dev  # one point per device and chunk (see make_point_function)
+        else:
+            size = auto_chunk_size(cfg, n_dev, group.traced_paths)
+            if n_proc > 1:  # several short chunks per process: the last one finishing sets the wall time
+                size = min(size, -(-n // (CHUNKS_PER_PROCESS * n_proc)))
+            # Equal chunks (one compiled shape) that pad by fewer than one point per chunk and device.
+            n_chunks = -(-n // size)
+            size = -(-n // (n_chunks * n_dev)) * n_dev
+        for start in range(0, n, size):
+            grid.append(Chunk(gi, np.arange(start, min(start + size, n)), size))
+    return grid
+
+
+class _Compiled:
+    """The jit-compiled function of each group, built on first use."""
+
+    def __init__(self, plan: Plan, source_dir: Path | None, mesh, quiet: bool):
+        self.plan, self.source_dir, self.mesh, self.quiet = plan, source_dir, mesh, quiet
+        self.fns: dict[int, tuple] = {}
+
+    def __call__(self, gi: int):
+        if gi in self.fns:
+            return self.fns[gi]
+        from .run import (_log, _uses_ensemble, group_file_tokens, make_chunk_function, make_point_function,
+                          plan_group_orders)
+
+        group = self.plan.groups[gi]
+        cfg = group.config
+        tokens = group_file_tokens(cfg, self.source_dir)
+        orders = None
+        if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
+            orders = plan_group_orders(cfg, group, tokens)
+        if orders is None and _uses_ensemble(cfg, group.traced_paths):
+            # The ensemble integrator: each device runs its own pool over its share of the chunk.
+            chunk = make_chunk_function(cfg, group.traced_paths, tokens, lanes=cfg.output.lanes)
+            if self.mesh is not None:
+                chunk = jax.shard_map(chunk, mesh=self.mesh, in_specs=PartitionSpec("points"),
+                                      out_specs=PartitionSpec("points"), check_vma=False)
+            fn = jax.jit(chunk)
+        elif orders is None:
+            fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, tokens)))
+        else:
+            # One point at a time, unvmapped: the in-jit fallback of the low-rank attention stays a real branch.
+            one = jax.jit(make_point_function(cfg, group.traced_paths, tokens, attention_orders=orders))
+
+            def fn(values):
+                outs = [one({p: v[i] for p, v in values.items()}) for i in range(len(values["__point__"]))]
+                return jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+            _log(f"[{self.plan.config.name}] low-rank attention, Chebyshev orders {orders} "
+                 f"({int(np.prod(orders))} features), one point per chunk", self.quiet)
+        self.fns[gi] = fn
+        return fn
+
+
+def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path | None = None,
+             launch: str = "local") -> WorkStats:
+    """Compute, in this process, chunks of the plan until every point of the run is stored under
+    `run_dir/chunks` (by this process or its peers). Returns what this process did."""
+    from .run import _StallWatch, _chunk_dataset, _log
+
+    t_start = time.perf_counter()
+    n_proc, proc = jax.process_count(), jax.process_index()
+    devices = jax.local_devices()
+    n_dev = len(devices)
+    mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
+    index = ChunkIndex(run_dir, config_hash(plan.config))
+    grid = chunk_grid(plan, n_dev, n_proc)
+    compiled = _Compiled(plan, source_dir, mesh, quiet)
+    stats = WorkStats(proc, n_proc)
+    pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
+    tag = f"[{plan.config.name}{f' p{proc}' if n_proc > 1 else ''}]"
+
+    def missing(c: Chunk) -> np.ndarray:
+        idx = plan.groups[c.group].indices[c.positions]
+        return c.positions[~np.isin(idx, list(index.done))] if index.done else c.positions
+
+    remaining = sum(len(missing(c)) for c in grid)
+    bar = None
+    if not quiet and remaining:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=remaining, unit="pt", desc=plan.config.name + (f" p{proc}" if n_proc > 1 else ""),
+                   dynamic_ncols=True)
+
+    def compute(c: Chunk, todo: np.ndarray):
+        group = plan.groups[c.group]
+        cfg = group.config
+        # Pad to the group's compiled size (no recompile); a remainder under half of it (a resume with
+        # another chunk grid) gets its own, smaller shape rather than computing padding.
+        size = c.size if len(todo) > c.size // 2 else -(-len(todo) // n_dev) * n_dev
+        sel = np.concatenate([todo, np.repeat(todo[-1:], size - len(todo))])
+        values = {p: np.asarray(v[sel]) for p, v in group.values.items()}
+        values["__point__"] = group.indices[sel]  # a batch axis even when no number varies
+        t0 = time.perf_counter()
+        with jax.enable_x64(cfg.dtype == "float64"):
+            fn = compiled(c.group)
+            if mesh is not None:
+                sharding = NamedSharding(mesh, PartitionSpec("points"))
+                values = {p: jax.device_put(v, sharding) for p, v in values.items()}
+            with _StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
+                out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+        idx = group.indices[todo]
+        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out), chunk_path(run_dir, int(idx.min()), int(idx.max())))
+        index.done.update(int(i) for i in idx)
+        dt = time.perf_counter() - t0
+        stats.points += len(todo)
+        stats.chunks += 1
+        stats.busy_seconds += dt
+        stats.chunk_seconds.append(round(dt, 3))
+        if bar is not None:
+            bar.update(len(todo))
+        else:
+            _log(f"{tag} chunk of {len(todo)} points in {dt:.2f} s ({stats.points}/{remaining})", quiet)
+        if pause:
+            time.sleep(pause)
+
+    claims = Claims(Path(run_dir) / "claims", owner={"process": proc, "launch": launch})
+    try:
+        start = (proc * len(grid)) // max(n_proc, 1)  # processes start apart: fewer claim collisions
+        for c in grid[start:] + grid[:start]:
+            if len(missing(c)) and claims.take(c.name(plan)):
+                index.refresh()
+                todo = missing(c)
+                if len(todo):
+                    compute(c, todo)
+        while True:  # the chunks peers hold: wait for them, take over those whose holder died
+            index.refresh()
+            pending = [c for c in grid if len(missing(c))]
+            if not pending:
+                break
+            took = False
+            for c in pending:
+                if claims.take(c.name(plan)):
+                    index.refresh()
+                    todo = missing(c)
+                    if len(todo):
+                        compute(c, todo)
+                        took = True
+            if not took:
+                time.sleep(POLL_SECONDS)
+    finally:
+        claims.close()
+        if bar is not None:
+            bar.close()
+    stats.wall_seconds = time.perf_counter() - t_start
+    return stats
