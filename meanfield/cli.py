@@ -112,7 +112,7 @@ def _computes(args) -> bool:
 
 def _cmd_run(args) -> int:
     from .sweep.plan import ConfigError
-    from .sweep.run import run_experiment, summary_table
+    from .sweep.run import run_experiment
 
     if args.distributed:
         from .sweep import distributed
@@ -126,22 +126,24 @@ def _cmd_run(args) -> int:
         print(f"process {st.process} of {st.processes}: computed {st.points} points in {st.chunks} chunks, busy "
               f"{st.busy_seconds:.2f} of {st.wall_seconds:.2f} s; process 0 merges into {res.run_dir / 'results.nc'}")
         return 0
-    print(summary_table(res.dataset))
     across = f" by {res.stats.processes} processes" if res.stats is not None and res.stats.processes > 1 else ""
-    print(f"computed {res.computed} points{across} in {res.seconds:.2f} s (computation {res.compute_seconds:.2f} s, "
-          f"then merge and figures); dataset: {res.run_dir / 'results.nc'}")
-    for f in res.figures:
-        if f.suffix == ".png":
-            print(f"figure: {f}")
-    return 0
+    return _report(res, f"computed {res.computed} points{across} in {res.seconds:.2f} s (computation "
+                        f"{res.compute_seconds:.2f} s, then merge and figures)")
 
 
 def _cmd_merge(args) -> int:
-    from .sweep.run import merge_run, summary_table
+    from .sweep.run import merge_run
 
     res = merge_run(args.run_dir)
+    return _report(res, f"merged {res.dataset.sizes['point']} points")
+
+
+def _report(res, what: str) -> int:
+    """The summary table, one line of what was done, the dataset and the PNG figures."""
+    from .sweep.run import summary_table
+
     print(summary_table(res.dataset))
-    print(f"merged {res.dataset.sizes['point']} points; dataset: {res.run_dir / 'results.nc'}")
+    print(f"{what}; dataset: {res.run_dir / 'results.nc'}")
     for f in res.figures:
         if f.suffix == ".png":
             print(f"figure: {f}")

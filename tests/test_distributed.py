@@ -126,7 +126,7 @@ def test_a_killed_coordinator_then_a_one_process_relaunch_completes(tmp_path):
     with one process finishes the missing chunks; the dataset equals an uninterrupted run's."""
     cfg = {"name": "dist", "model": {"d": 2, "beta": 1.0, "mlp": "two_layer", "activation": "tanh", "norm": "sphere"},
            "initial": {"kind": "sphere", "n": 8}, "simulator": {"kind": "particles", "t1": 2.0, "n_save": 5},
-           "observables": ["effective_rank", "mean_cosine"], "plots": {"curves": None},
+           "observables": ["effective_rank", "mean_cosine"], "plots": {"curves": None}, "output": {"chunk_size": 2},
            "sweep": {"grid": {"model.beta": [1.0, 2.0, 3.0, 4.0], "seed": [0, 1, 2, 3]}}}
     f = tmp_path / "dist.yaml"
     f.write_text(yaml.safe_dump(cfg))

@@ -5,14 +5,12 @@ bounded memory and time. (Checkpoints: test_hostile_weights.py; the Python API: 
 import copy
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +24,9 @@ from meanfield.cli import main
 from meanfield.regimes import FAILED, REGIMES, regime_code
 from meanfield.sweep.plan import ConfigError, config_from_dict, evaluate_expression, load_config, parse_yaml
 from meanfield.sweep.store import IncompleteRunWarning, load_run
+from test_sweep_run import PARTICLES
 
-TINY = {
-    "name": "tiny", "seed": 0,
-    "model": {"d": 2, "beta": 1.0, "mlp": "two_layer", "activation": "tanh", "norm": "sphere"},
-    "initial": {"kind": "sphere", "n": 8},
-    "simulator": {"kind": "particles", "t1": 2.0, "n_save": 5},
-    "observables": ["effective_rank", "mean_cosine"],
-    "sweep": {"grid": {"model.beta": [1.0, 3.0], "seed": [0, 1, 2]}},
-    "output": {"chunk_size": 2},
-    "plots": {"curves": None},
-}
+TINY = PARTICLES  # 6 particle points of n = 8, d = 2 in chunks of 2 (test_sweep_run's config)
 
 
 def _raw(**sections):

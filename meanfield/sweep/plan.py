@@ -13,7 +13,6 @@ Points whose configs differ only in traced numbers (floats and seeds, not shapes
 from __future__ import annotations
 
 import ast
-import copy
 import pickle
 import hashlib
 import itertools
