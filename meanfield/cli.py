@@ -309,31 +309,19 @@ def _avoid_eigen_pool_wedge() -> None:
 
 
 def _os_error_line(exc: OSError) -> str:
-    """'cannot write PATH: REASON' from an OSError, including HDF5's multi-line ones (errno = 28, filename = '...')."""
-    import re
-
-    text = " ".join(str(exc).split())
-    errno = exc.errno
-    if errno is None and (m := re.search(r"errno = (\d+)", text)):
-        errno = int(m[1])
-    path = exc.filename
-    if path is None and (m := re.search(r"filename = '([^']+)'", text)):
-        path = m[1]
-    reason = os.strerror(errno) if errno else text[:200]
-    return f"cannot write or read {path}: {reason}" if path else f"input/output failed: {reason}"
+    """'cannot write or read PATH: REASON' (the run's writes name their file: `store._atomic`)."""
+    reason = exc.strerror or " ".join(str(exc).split())[:200]
+    return f"cannot write or read {exc.filename}: {reason}" if exc.filename else f"input/output failed: {reason}"
 
 
 def main(argv=None) -> int:
     _avoid_eigen_pool_wedge()
     import matplotlib
 
-    from .sweep.distributed import DistributedError
-    from .sweep.plan import ConfigError
-
     matplotlib.use("Agg")  # the command line only draws to files; the library leaves the backend alone
 
     args = build_parser().parse_args(argv)
-    code = _dispatch(args, ConfigError, DistributedError)
+    code = _dispatch(args)
     if getattr(args, "distributed", False):
         import jax
 
@@ -344,14 +332,15 @@ def main(argv=None) -> int:
     return code
 
 
-def _dispatch(args, ConfigError, DistributedError) -> int:
+def _dispatch(args) -> int:
+    """Run the command; bad input is exit 2, Ctrl-C 130, an I/O failure 1, each one line on stderr."""
+    from .sweep.distributed import DistributedError
+    from .sweep.plan import ConfigError
+
     try:
         with compile_cache() if _computes(args) else contextlib.nullcontext():
             return args.func(args)
-    except (ConfigError, DistributedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (ConfigError, DistributedError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:

@@ -97,11 +97,14 @@ class Claims:
     def _stale_file(self, p: Path) -> bool:
         try:
             age = time.time() - p.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        try:
             info = json.loads(p.read_text())
         except FileNotFoundError:
             return False
-        except (OSError, ValueError):  # a claim interrupted while being written, or damaged
-            return time.time() - p.stat().st_mtime > self.timeout if p.exists() else False
+        except (OSError, ValueError):  # a claim interrupted while being written, or damaged: by its age
+            return age > self.timeout
         if info.get("host") == HOST and isinstance(info.get("pid"), int) and info["pid"] != os.getpid():
             if not pid_alive(info["pid"]):
                 return True

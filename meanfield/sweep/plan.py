@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
-from .config import ExperimentConfig, axis_values
+from .config import ExperimentConfig, axis_values, float32_overflow
 
 STATIC_PATHS = frozenset(
     {"model.d", "model.hidden", "model.qk_dim", "initial.n", "simulator.n_save", "simulator.max_steps", "dtype"}
@@ -111,7 +111,8 @@ MAX_YAML_NODES = 1_000_000
 
 def _expanded_size(root) -> int:
     """Scalars + collections in a composed YAML node graph with every alias expanded, counted
-    without expanding (memoised per node) and stopping past MAX_YAML_NODES."""
+    without expanding (memoised per node) and stopping past MAX_YAML_NODES. The same walk refuses
+    a key repeated in one mapping (`_check_duplicate_keys`), so the document is visited once."""
     size: dict[int, int] = {}
     stack = [(root, False)]
     while stack:
@@ -190,8 +191,8 @@ def parse_yaml(text: str, source: str):
             loader.dispose()
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
-    """Read and validate an experiment YAML file.
+def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConfig:
+    """Read and validate an experiment YAML file (`check_files`: see `config_from_dict`).
 
     Raises:
         ConfigError: missing, oversized or non-UTF-8 file, YAML syntax error (with line), an alias
@@ -210,7 +211,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     if "\x00" in text:
         raise ConfigError(f"{path}: not a text file (it holds NUL bytes)")
-    return config_from_dict(parse_yaml(text, str(path)), source=str(path))
+    return config_from_dict(parse_yaml(text, str(path)), source=str(path), check_files=check_files)
 
 
 def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
@@ -351,11 +352,6 @@ def expand_points(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[str
     zip_axes = list(sw.zip)
     zip_rows = list(zip(*[axis_values(sw.zip[a]) for a in zip_axes])) if zip_axes else [()]
     explicit = sw.points or [{}]
-    point_axes = []
-    for p in sw.points:
-        for k in p:
-            if k not in point_axes:
-                point_axes.append(k)
     points = []
     for combo in itertools.product(*grid_vals):
         for zrow in zip_rows:
@@ -364,8 +360,7 @@ def expand_points(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[str
                 pt.update(zip(zip_axes, zrow))
                 pt.update(extra)
                 points.append(pt)
-    axes = grid_axes + zip_axes + [a for a in point_axes if a not in grid_axes + zip_axes] + list(sw.derived)
-    return points, axes
+    return points, sw.axis_names()
 
 
 SHAPED_STATIC_PATHS = frozenset({"simulator.t1", "simulator.dt0", "shaped.m", "shaped.n_paths", "shaped.explode_threshold"})
@@ -426,6 +421,7 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
     # point's config carries the default plots.
     base = cfg.model_dump(mode="python", exclude={"sweep", "plots"})
     groups: dict[str, dict] = {}
+    base_checked = False  # for float32 overflow: the base once, then each point's swept values
     base_bytes = pickle.dumps(base)  # a fresh copy per point: unpickling is ~5x faster than deepcopy
     for i, pt in enumerate(points):
         tree = pickle.loads(base_bytes)
@@ -446,6 +442,15 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
         except ValidationError as err:
             desc = ", ".join(f"{k}={v!r}" for k, v in pt.items())
             raise ConfigError(_format_validation(err, f"{source}: sweep point {i} ({desc})")) from None
+        if point_cfg.dtype == "float32":
+            if not base_checked:
+                base_checked = True
+                for section in ("model", "initial", "simulator", "shaped"):
+                    if (msg := float32_overflow(base.get(section), section)) is not None:
+                        raise ConfigError(f"{source}: {msg}")
+            for path, value in pt.items():
+                if (msg := float32_overflow(value, path)) is not None:
+                    raise ConfigError(f"{source}: sweep point {i}: {msg}")
         dumped = point_cfg.model_dump(mode="python")
         traced = tuple(p for p in pt if _is_traced(p, pt[p], point_cfg.simulator.kind,
                                                       point_cfg.simulator.lyapunov is not None))

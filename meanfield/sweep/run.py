@@ -37,8 +37,8 @@ from .build import build_model, initial_moments, initial_tokens, point_keys
 from .config import ExperimentConfig
 from .plan import ConfigError, Plan, config_hash, load_config, make_plan, memory_estimate, set_path
 from .store import (
-    RUN_FILES, atomic_write_dataset, atomic_write_text, coordinate_array, done_points, git_commit,
-    merge_chunks, read_run_info, read_tokens_file,
+    RUN_FILES, ChunkIndex, atomic_write_dataset, atomic_write_text, coordinate_array, git_commit, merge_chunks,
+    read_run_info, read_tokens_file,
 )
 
 OBSERVABLE_ATTRS = {
@@ -390,7 +390,8 @@ def _log(msg: str, quiet: bool) -> None:
     print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
-def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict) -> xr.Dataset:
+def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict, h: str) -> xr.Dataset:
+    """One chunk's outputs as a dataset over its points, stamped with the run's config hash `h`."""
     T = out["t"].shape[1]
     t = np.asarray(out["t"])
     depth = t[0] if np.allclose(t, t[:1]) and "simulator.t1" not in plan.axes else np.arange(T)
@@ -415,7 +416,7 @@ def _chunk_dataset(plan: Plan, cfg: ExperimentConfig, idx: np.ndarray, out: dict
     coords = {"point": idx, "depth": ("depth", depth, {"long_name": "depth t", "units": "depth"})}
     for axis in plan.axes:
         coords[axis] = ("point", coordinate_array([plan.points[i].get(axis) for i in idx]))
-    return xr.Dataset(data, coords=coords, attrs={"config_hash": config_hash(plan.config)})
+    return xr.Dataset(data, coords=coords, attrs={"config_hash": h})
 
 
 def group_file_tokens(cfg: ExperimentConfig, source_dir: Path | None) -> np.ndarray | None:
@@ -559,8 +560,8 @@ def run_experiment(
         cfg, src = load_config(source), str(source)
         source_dir = Path(source).resolve().parent
     plan = make_plan(cfg, source=src)  # every point validated before anything is written
-    for group in plan.groups:  # and every initial-token file read and checked
-        group_file_tokens(group.config, source_dir)
+    tokens = {gi: group_file_tokens(g.config, source_dir)  # and every initial-token file read and checked
+              for gi, g in enumerate(plan.groups)}
     run_dir = Path(out or cfg.output.dir or Path("runs") / cfg.name)
     proc = jax.process_index()
     h = (prepare_run_dir if proc == 0 else check_run_dir)(cfg, run_dir, overwrite=overwrite)
@@ -578,17 +579,18 @@ def run_experiment(
     if proc == 0:
         atomic_write_text(config_yaml, run_dir / "config.yaml")
     launch = distributed.launch_id()
-    n_done_before = len(done_points(run_dir, h))
+    index = ChunkIndex(run_dir, h, plan.n_points)
+    n_done_before = index.n_done
     if n_done_before and not quiet:
         _log(f"resuming {run_dir}: {n_done_before} of {plan.n_points} points already done", quiet)
     t_compute = time.perf_counter()
     try:
-        stats = run_plan(plan, run_dir, quiet=quiet, source_dir=source_dir, launch=launch)
+        stats = run_plan(plan, run_dir, index, tokens, quiet=quiet, launch=launch)
     except KeyboardInterrupt:
         if proc == 0:
             prev = read_run_info(run_dir) or info
             atomic_write_text(json.dumps({**prev, "status": "interrupted"}, indent=1), run_dir / "run.json")
-        raise RunInterrupted(run_dir, len(done_points(run_dir, h)), plan.n_points) from None
+        raise RunInterrupted(run_dir, index.refresh().n_done, plan.n_points) from None
     compute_seconds = time.perf_counter() - t_compute
     stats_dir = run_dir / "processes" / launch
     stats_dir.mkdir(parents=True, exist_ok=True)
@@ -646,7 +648,8 @@ def finish_run(run_dir: Path, cfg: ExperimentConfig, plan: Plan, info: dict, con
         busy = [p["busy_seconds"] for p in procs]
         record["processes"] = procs
         record["load_balance"] = {
-            "processes": len(procs), "processes_launched": n_proc, "slowest_wall_seconds": max(walls), "mean_busy_seconds": round(sum(busy) / len(busy), 3),
+            "processes": len(procs), "processes_launched": n_proc, "slowest_wall_seconds": max(walls),
+            "mean_busy_seconds": round(sum(busy) / len(busy), 3),
             "idle_fraction_of_slowest": round(1 - busy[walls.index(max(walls))] / max(walls), 4) if max(walls) > 0 else 0.0,
         }
     atomic_write_text(json.dumps(record, indent=1), run_dir / "run.json")
@@ -664,9 +667,6 @@ def merge_run(run_dir: str | Path, *, plots: bool = True) -> RunResult:
     """Finish a run whose workers stopped after computing every chunk (e.g. preempted before the
     merge): merge, run.json, figures. Refuses (ConfigError) a directory with missing points, saying
     how to compute them. The library call behind `meanfield merge DIR`."""
-    from .plan import config_from_dict
-    from .store import ChunkIndex
-
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     try:
@@ -675,15 +675,13 @@ def merge_run(run_dir: str | Path, *, plots: bool = True) -> RunResult:
         raise ConfigError(str(exc)) from None
     if info is None or not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a meanfield run directory (no run.json and config.yaml)")
-    from .plan import parse_yaml
-
     source = str(run_dir / "config.yaml")
-    cfg = config_from_dict(parse_yaml((run_dir / "config.yaml").read_text(), source), source=source, check_files=False)
+    cfg = load_config(source, check_files=False)
     h = config_hash(cfg)
     if info.get("config_hash") != h:
         raise ConfigError(f"{run_dir}: config.yaml (hash {h}) is not the config of run.json ({info.get('config_hash')})")
     plan = make_plan(cfg, source=source)
-    missing = plan.n_points - len(ChunkIndex(run_dir, h).done & set(range(plan.n_points)))
+    missing = plan.n_points - ChunkIndex(run_dir, h, plan.n_points).n_done
     if missing:
         raise ConfigError(f"{run_dir}: {missing} of {plan.n_points} points are not computed yet; compute them with "
                           f"`meanfield run {source} --out {run_dir}` (any number of processes), which also merges")

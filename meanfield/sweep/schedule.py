@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
-from .plan import Plan, config_hash
+from .plan import Plan
 from .store import ChunkIndex, atomic_write_dataset, chunk_path
 
 CHUNKS_PER_PROCESS = 1
@@ -57,7 +57,6 @@ class WorkStats:
     busy_seconds: float = 0.0
     compile_seconds: float = 0.0  # part of busy_seconds: compiling (or loading from the persistent cache)
     wall_seconds: float = 0.0
-    chunk_seconds: list = field(default_factory=list)
 
     def record(self) -> dict:
         from .claims import HOST
@@ -98,21 +97,33 @@ def chunk_grid(plan: Plan, n_dev: int, n_proc: int) -> list[Chunk]:
 
 
 class _Compiled:
-    """The jit-compiled function of each group, built on first use."""
+    """The compiled function of each group and batch size, built on first use; compiling (ahead of
+    the first call, or loading from JAX's persistent cache) is timed apart in `seconds`."""
 
-    def __init__(self, plan: Plan, source_dir: Path | None, mesh, quiet: bool):
-        self.plan, self.source_dir, self.mesh, self.quiet = plan, source_dir, mesh, quiet
-        self.fns: dict[int, tuple] = {}
+    def __init__(self, plan: Plan, tokens: dict, mesh, quiet: bool):
+        self.plan, self.tokens, self.mesh, self.quiet = plan, tokens, mesh, quiet
+        self.fns: dict[int, object] = {}
+        self.executables: dict[tuple[int, int], object] = {}
+        self.seconds = 0.0
 
-    def __call__(self, gi: int):
-        if gi in self.fns:
-            return self.fns[gi]
-        from .run import (_log, _uses_ensemble, group_file_tokens, make_chunk_function, make_point_function,
-                          plan_group_orders)
+    def __call__(self, gi: int, values: dict):
+        """The function to call on `values` (a chunk of group `gi`)."""
+        fn = self.fns[gi] if gi in self.fns else self._build(gi)
+        if not hasattr(fn, "lower"):  # the low-rank path: a Python loop over jitted points
+            return fn
+        key = (gi, len(values["__point__"]))
+        if key not in self.executables:
+            t0 = time.perf_counter()
+            self.executables[key] = fn.lower(values).compile()
+            self.seconds += time.perf_counter() - t0
+        return self.executables[key]
+
+    def _build(self, gi: int):
+        from .run import _log, _uses_ensemble, make_chunk_function, make_point_function, plan_group_orders
 
         group = self.plan.groups[gi]
         cfg = group.config
-        tokens = group_file_tokens(cfg, self.source_dir)
+        tokens = self.tokens.get(gi)
         orders = None
         if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
             orders = plan_group_orders(cfg, group, tokens)
@@ -139,10 +150,12 @@ class _Compiled:
         return fn
 
 
-def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path | None = None,
+def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quiet: bool = False,
              launch: str = "local") -> WorkStats:
     """Compute, in this process, chunks of the plan until every point of the run is stored under
-    `run_dir/chunks` (by this process or its peers). Returns what this process did."""
+    `run_dir/chunks` (by this process or its peers). `index`: the run's chunk files (refreshed here);
+    `tokens`: group index -> its initial tokens from a file (`run.group_file_tokens`), where it has
+    one. Returns what this process did."""
     from .run import _StallWatch, _chunk_dataset, _log
 
     t_start = time.perf_counter()
@@ -150,17 +163,15 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
     devices = jax.local_devices()
     n_dev = len(devices)
     mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
-    index = ChunkIndex(run_dir, config_hash(plan.config))
+    h = index.config_hash
     grid = chunk_grid(plan, n_dev, n_proc)
-    compiled = _Compiled(plan, source_dir, mesh, quiet)
+    compiled = _Compiled(plan, tokens, mesh, quiet)
     stats = WorkStats(proc, n_proc)
-    executables: dict[tuple[int, int], object] = {}
     pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
     tag = f"[{plan.config.name}{f' p{proc}' if n_proc > 1 else ''}]"
 
     def missing(c: Chunk) -> np.ndarray:
-        idx = plan.groups[c.group].indices[c.positions]
-        return c.positions[~np.isin(idx, list(index.done))] if index.done else c.positions
+        return c.positions[~index.done[plan.groups[c.group].indices[c.positions]]]
 
     remaining = sum(len(missing(c)) for c in grid)
     bar = None
@@ -181,27 +192,19 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
         values["__point__"] = group.indices[sel]  # a batch axis even when no number varies
         t0 = time.perf_counter()
         with jax.enable_x64(cfg.dtype == "float64"):
-            fn = compiled(c.group)
             if mesh is not None:
                 sharding = NamedSharding(mesh, PartitionSpec("points"))
                 values = {p: jax.device_put(v, sharding) for p, v in values.items()}
-            if hasattr(fn, "lower"):  # compile ahead of the call, to report compile time apart
-                key = (c.group, size)
-                if key not in executables:
-                    t_c = time.perf_counter()
-                    executables[key] = fn.lower(values).compile()
-                    stats.compile_seconds += time.perf_counter() - t_c
-                fn = executables[key]
+            fn = compiled(c.group, values)
             with _StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
                 out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
         idx = group.indices[todo]
-        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out), chunk_path(run_dir, int(idx.min()), int(idx.max())))
-        index.done.update(int(i) for i in idx)
+        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out, h), chunk_path(run_dir, int(idx.min()), int(idx.max())))
+        index.add(idx)
         dt = time.perf_counter() - t0
         stats.points += len(todo)
         stats.chunks += 1
         stats.busy_seconds += dt
-        stats.chunk_seconds.append(round(dt, 3))
         if bar is not None:
             bar.update(len(todo))
         else:
@@ -210,17 +213,14 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
             time.sleep(pause)
 
     claims = Claims(Path(run_dir) / "claims", owner={"process": proc, "launch": launch})
+    start = (proc * len(grid)) // max(n_proc, 1)  # processes start apart: fewer claim collisions
+    order = grid[start:] + grid[:start]
     try:
-        start = (proc * len(grid)) // max(n_proc, 1)  # processes start apart: fewer claim collisions
-        for c in grid[start:] + grid[:start]:
-            if len(missing(c)) and claims.take(c.name(plan)):
-                index.refresh()
-                todo = missing(c)
-                if len(todo):
-                    compute(c, todo)
-        while True:  # the chunks peers hold: wait for them, take over those whose holder died
+        # Claim and compute what is free; then wait for the chunks peers hold, taking over those whose
+        # holder died (`claims.take` succeeds on a stale claim), until every point is on disk.
+        while True:
             index.refresh()
-            pending = [c for c in grid if len(missing(c))]
+            pending = [c for c in order if len(missing(c))]
             if not pending:
                 break
             took = False
@@ -237,5 +237,6 @@ def run_plan(plan: Plan, run_dir: Path, *, quiet: bool = False, source_dir: Path
         claims.close()
         if bar is not None:
             bar.close()
+    stats.compile_seconds = compiled.seconds
     stats.wall_seconds = time.perf_counter() - t_start
     return stats

@@ -83,21 +83,39 @@ def _chunk_files(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / "chunks").glob("points-*.nc"))
 
 
-def _read_chunk_points(f: Path, config_hash: str | None) -> np.ndarray:
-    """The point indices of one chunk file; raises ValueError naming what is wrong with it."""
+def _read_chunk(f: Path, config_hash: str | None, n_points: int | None = None) -> xr.Dataset:
+    """One chunk file, loaded whole (a truncated file fails here); raises ValueError naming what is
+    wrong with it, FileNotFoundError if another process moved it away meanwhile."""
     try:
-        with xr.open_dataset(f, engine=ENGINE) as ds:
-            points = np.asarray(ds["point"].values)
-            stamp = ds.attrs.get("config_hash")
-            for name in ds.data_vars:  # touch the data: a truncated file fails here, not at merge
-                np.asarray(ds[name].values)
+        ds = xr.load_dataset(f, engine=ENGINE)
+    except FileNotFoundError:
+        raise
     except Exception as exc:  # noqa: BLE001 - h5py/netCDF raise many types for a damaged file
         raise ValueError(f"unreadable ({type(exc).__name__}: {str(exc)[:120]})") from None
+    stamp = ds.attrs.get("config_hash")
     if config_hash is not None and stamp is not None and stamp != config_hash:
         raise ValueError(f"written by another config (hash {stamp}, this run is {config_hash})")
-    if points.ndim != 1 or not np.issubdtype(points.dtype, np.integer):
+    if "point" not in ds.coords or ds["point"].ndim != 1 or not np.issubdtype(ds["point"].dtype, np.integer):
         raise ValueError("has no integer `point` coordinate")
-    return points
+    if n_points is not None and ds.sizes["point"] and not 0 <= int(ds["point"].min()) <= int(ds["point"].max()) < n_points:
+        raise ValueError(f"holds points outside this run's 0..{n_points - 1}")
+    return ds
+
+
+def _readable_chunks(files, config_hash: str | None, n_points: int | None = None):
+    """(file, dataset) for each chunk file that reads and belongs to this config; the others are set aside."""
+    for f in files:
+        try:
+            ds = _read_chunk(f, config_hash, n_points)
+        except FileNotFoundError:
+            continue
+        except ValueError as exc:
+            try:
+                set_aside(f, str(exc))
+            except FileNotFoundError:  # another process set it aside first
+                pass
+            continue
+        yield f, ds
 
 
 def set_aside(f: Path, reason: str) -> Path:
@@ -133,59 +151,44 @@ def _remove_dead_writers_tmp(chunks: Path) -> None:
 
 
 class ChunkIndex:
-    """The points held by a run's chunk files, re-scanned cheaply: each file is read once (files
-    appear whole, by atomic rename). Damaged or foreign chunks are set aside (chunks/damaged/)."""
+    """Which of a run's `n_points` points its chunk files hold (`done`, a boolean mask), re-scanned
+    cheaply: each file is read once (files appear whole, by atomic rename). Damaged or foreign
+    chunks, and chunks holding points outside the run, are set aside (chunks/damaged/)."""
 
-    def __init__(self, run_dir: Path, config_hash: str | None = None):
+    def __init__(self, run_dir: Path, config_hash: str | None, n_points: int):
         self.dir = Path(run_dir) / "chunks"
         self.config_hash = config_hash
         self.files: dict[Path, np.ndarray] = {}
-        self.done: set[int] = set()
+        self.done = np.zeros(n_points, dtype=bool)
         _remove_dead_writers_tmp(self.dir)
         self.refresh()
 
-    def refresh(self) -> set[int]:
+    @property
+    def n_done(self) -> int:
+        return int(self.done.sum())
+
+    def add(self, points: np.ndarray) -> None:
+        """Points this process has just written."""
+        self.done[points] = True
+
+    def refresh(self) -> "ChunkIndex":
         present = set(_chunk_files(self.dir.parent))
-        for f in list(self.files):
-            if f not in present:  # set aside by another process
-                del self.files[f]
-                self.done = {int(i) for pts in self.files.values() for i in pts}
-        for f in sorted(present - set(self.files)):
-            try:
-                pts = _read_chunk_points(f, self.config_hash)
-            except ValueError as exc:
-                try:
-                    set_aside(f, str(exc))
-                except FileNotFoundError:  # another process set it aside first
-                    pass
-                continue
-            except FileNotFoundError:
-                continue
-            self.files[f] = pts
-            self.done.update(int(i) for i in pts)
-        return self.done
-
-
-def scan_chunks(run_dir: Path, config_hash: str | None = None) -> dict[Path, np.ndarray]:
-    """Readable chunk files of this config -> their point indices (see `ChunkIndex`)."""
-    return dict(ChunkIndex(run_dir, config_hash).files)
-
-
-def done_points(run_dir: Path, config_hash: str | None = None) -> set[int]:
-    """Global point indices held by readable chunk files of this config (damaged ones set aside)."""
-    done: set[int] = set()
-    for points in scan_chunks(run_dir, config_hash).values():
-        done.update(int(i) for i in points)
-    return done
-
-
+        if any(f not in present for f in self.files):  # set aside by another process: recount
+            self.files = {f: p for f, p in self.files.items() if f in present}
+            self.done[:] = False
+            for pts in self.files.values():
+                self.done[pts] = True
+        for f, ds in _readable_chunks(sorted(present - set(self.files)), self.config_hash, len(self.done)):
+            self.files[f] = pts = ds["point"].values
+            self.done[pts] = True
+        return self
 def merge_chunks(run_dir: Path, config_hash: str | None = None) -> xr.Dataset:
-    """All readable chunks, one row per point (a point held twice, e.g. by a chunk copied in by
-    hand, is kept once), sorted by point."""
-    files = list(scan_chunks(run_dir, config_hash))
-    if not files:
+    """All readable chunks of this config (each file read once; damaged or foreign ones set aside),
+    one row per point (a point held twice, e.g. by a chunk copied in by hand, is kept once), sorted
+    by point."""
+    parts = [ds for _, ds in _readable_chunks(_chunk_files(run_dir), config_hash)]
+    if not parts:
         raise FileNotFoundError(f"{run_dir}: no finished chunks")
-    parts = [xr.load_dataset(f, engine=ENGINE) for f in files]
     ds = xr.concat(parts, dim="point", data_vars="all", coords="different", compat="equals", join="outer")
     _, first = np.unique(ds["point"].values, return_index=True)
     return ds.isel(point=np.sort(first)).sortby("point")
