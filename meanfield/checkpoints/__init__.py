@@ -10,6 +10,7 @@ Command line: ``meanfield weights PATH`` (`meanfield.checkpoints.cli`).
 
 from ._io import TensorStore as TensorStore
 from ._layouts import LAYOUTS as LAYOUTS
+from ._layouts import checkpoint_from_tensors as checkpoint_from_tensors
 from ._layouts import load_checkpoint as load_checkpoint
 from ._types import Checkpoint as Checkpoint
 from ._types import CheckpointError as CheckpointError
@@ -18,5 +19,5 @@ from .matrices import ATTENTION_MATRICES as ATTENTION_MATRICES
 from .matrices import layer_matrices as layer_matrices
 from .matrices import value_matrix as value_matrix
 
-__all__ = ["Checkpoint", "LayerWeights", "CheckpointError", "load_checkpoint", "layer_matrices", "value_matrix",
+__all__ = ["Checkpoint", "LayerWeights", "CheckpointError", "load_checkpoint", "checkpoint_from_tensors", "layer_matrices", "value_matrix",
            "TensorStore", "LAYOUTS", "ATTENTION_MATRICES"]

@@ -184,7 +184,26 @@ def _build_bert(get, opt, dims):
         ln1_weight=ln1_w, ln1_bias=ln1_b, ln2_weight=ln2_w, ln2_bias=ln2_b, post_ln=True)
 
 
+def _build_meanfield(get, opt, dims):
+    ones = np.ones(dims["d"], np.float32)  # norm "none": the blocks have no norm weights
+
+    def norm(base):
+        w = opt(base + ".weight")
+        return (ones, None) if w is None else (w, opt(base + ".bias"))
+
+    (ln1_w, ln1_b), (ln2_w, ln2_b) = norm("ln1"), norm("ln2")
+    return LayerWeights(
+        w_q=get("attn.q.weight"), w_k=get("attn.k.weight"), w_v=get("attn.v.weight"), w_o=get("attn.o.weight"),
+        b_q=opt("attn.q.bias"), b_k=opt("attn.k.bias"), b_v=opt("attn.v.bias"), b_o=opt("attn.o.bias"),
+        w_up=get("mlp.up.weight"), b_up=opt("mlp.up.bias"), w_gate=opt("mlp.gate.weight"),
+        w_down=get("mlp.down.weight"), b_down=opt("mlp.down.bias"),
+        ln1_weight=ln1_w, ln1_bias=ln1_b, ln2_weight=ln2_w, ln2_bias=ln2_b, post_ln=dims["post_ln"])
+
+
 LAYOUTS: tuple[Layout, ...] = (
+    Layout("meanfield", ("blocks.{i}.",),
+           ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight", "mlp.up.weight", "mlp.down.weight"),
+           ("meanfield",), _build_meanfield),
     Layout("gpt2", ("h.{i}.", "transformer.h.{i}."),
            ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"), ("gpt2",), _build_gpt2),
     Layout("llama", ("model.layers.{i}.", "layers.{i}.", "language_model.model.layers.{i}.",
@@ -270,10 +289,48 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
     files, cfg, p = resolve(path)
     if config is not None:
         cfg = dict(config)
+    return checkpoint_from_store(TensorStore(files), cfg, p)
+
+
+class ArrayStore:
+    """`TensorStore`'s interface over in-memory arrays (name -> array), e.g. a model being trained."""
+
+    def __init__(self, tensors: dict, dtype: str = "F32"):
+        self._t, self._dtype = dict(tensors), dtype
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._t)
+
+    def __contains__(self, name) -> bool:
+        return name in self._t
+
+    def shape(self, name) -> tuple[int, ...]:
+        return tuple(np.shape(self._t[name]))
+
+    def dtypes(self) -> str:
+        return self._dtype
+
+    def get(self, name, *, finite: bool = False) -> np.ndarray:
+        if name not in self._t:
+            raise CheckpointError(f"tensor {name!r} not found.")
+        arr = np.asarray(self._t[name], np.float32)
+        if finite and not np.all(np.isfinite(arr)):
+            raise CheckpointError(f"tensor {name!r} holds NaN or inf.")
+        return arr
+
+
+def checkpoint_from_tensors(tensors: dict, config: dict, source: str = "<memory>") -> Checkpoint:
+    """The `Checkpoint` that `load_checkpoint` would read from these tensors saved with this config.json
+    (the same tables and checks), without writing them: e.g. the telemetry of `meanfield.train`."""
+    return checkpoint_from_store(ArrayStore(tensors), dict(config), source)
+
+
+def checkpoint_from_store(store, cfg: dict, p) -> Checkpoint:
+    """A `Checkpoint` from a tensor store (`TensorStore` or `ArrayStore`) and its config dict."""
     mt = cfg.get("model_type")
     if mt is not None and not isinstance(mt, str):
         raise CheckpointError(f"{p}: config.json field model_type = {mt!r}; expected a string.")
-    store = TensorStore(files)
     layout, prefix = _detect(store, cfg, p)
     has0 = lambda s: prefix.format(i=0) + s in store  # noqa: E731
     arch = _family(layout, cfg, has0)
@@ -323,12 +380,21 @@ def load_checkpoint(path, *, config: dict | None = None) -> Checkpoint:
         H, KV, hd = _heads(cfg, p, q_rows=q_rows, kv_rows=kv_rows)
         act = _cfg_str(cfg, p, "hidden_act", default="silu")
         norm, mlp_kind, parallel = "rmsnorm", _gated_kind(act), False
+    elif layout.name == "meanfield":
+        q_rows, d = shape("attn.q.weight")
+        H, KV, hd = _heads(cfg, p, q_rows=q_rows, kv_rows=shape("attn.k.weight")[0])
+        gated = has0("mlp.gate.weight")
+        act = _cfg_str(cfg, p, "hidden_act", default="silu" if gated else "gelu_new")
+        norm = _cfg_str(cfg, p, "norm", default="layernorm")
+        if norm not in ("layernorm", "rmsnorm", "none"):
+            raise CheckpointError(f"{p}: config.json field norm = {norm!r}; expected layernorm, rmsnorm or none.")
+        mlp_kind, parallel = (_gated_kind(act) if gated else _plain_kind(act)), False
     else:  # bert
         d = shape("attention.self.query.weight")[1]
         H, KV, hd = _heads(cfg, p, q_rows=d, kv_rows=d)
         act = _cfg_str(cfg, p, "hidden_act", default="gelu")
         norm, mlp_kind, parallel = "layernorm", _plain_kind(act), False
-    dims = {"d": d, "H": H, "KV": KV, "hd": hd}
+    dims = {"d": d, "H": H, "KV": KV, "hd": hd, "post_ln": bool(cfg.get("post_ln", False))}
     if layout.name == "phi3":
         dims.update(q_rows=q_rows, kv_rows=kv_rows)
 

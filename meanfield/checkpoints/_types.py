@@ -59,9 +59,9 @@ class Checkpoint:
 
     ``arch``: family read from the tensor names (and config.json's ``model_type`` when present): "gpt2",
     "llama" (also Mistral, SmolLM), "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt_neox", "phi",
-    "phi3", "bert". ``config``: config.json as read ({} when absent). ``num_heads`` / ``num_kv_heads`` /
+    "phi3", "bert", "meanfield" (the models `meanfield train` writes). ``config``: config.json as read ({} when absent). ``num_heads`` / ``num_kv_heads`` /
     ``head_dim`` are 0 when they cannot be known (no config.json and no tensor that fixes them).
-    ``norm``: "layernorm" | "rmsnorm"; ``mlp_kind``: "swiglu" | "geglu" (gated) or the activation family
+    ``norm``: "layernorm" | "rmsnorm" | "none" (meanfield's own models only); ``mlp_kind``: "swiglu" | "geglu" (gated) or the activation family
     of a plain two-layer MLP ("gelu", "relu", "silu"); ``activation``: the config's exact name (e.g.
     "gelu_new", "gelu_pytorch_tanh", "silu"). ``parallel_residual``: x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX,
     Phi) instead of the sequential block. ``source``: path read; ``dtype``: stored dtype(s), e.g. "BF16".

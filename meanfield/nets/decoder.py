@@ -10,9 +10,11 @@ query heads sharing key/value heads), and a GELU MLP $W_\text{down}\,\mathrm{gel
 or a gated one (SwiGLU: $W_\text{down}(\mathrm{silu}(W_\text{gate} x) \odot W_\text{up} x)$; GeGLU with
 gelu). LayerNorm or RMSNorm (Gemma's stored weight w means a scale 1 + w).
 
-No positional encoding and no embedding: the decoder acts on given token vectors (random ones in the
-1:1-rule comparison), which is the residual-stream map whose rank the rule is about. RoPE and learned
-positions change which tokens attend to which, not the linear maps the rule reads.
+No embedding: the decoder acts on given token vectors (random ones in the 1:1-rule comparison), which is
+the residual-stream map whose rank the rule is about. Rotary positions (`rope_theta`) are optional (the
+trained language models of `meanfield.train` use them); checkpoints of other families are run without
+theirs. RoPE and learned positions change which tokens attend to which, not the linear maps the rule reads.
+Token arrays may carry leading batch axes, (..., n, d).
 
 `residual_ranks(decoder, X)` returns the effective rank of the residual stream's second-moment
 matrix $C_l = X_l^\top X_l / n$ after every layer, the forward-pass counterpart of the rule's
@@ -51,12 +53,15 @@ class DecoderConfig:
     sandwich_norms: bool = False  # Gemma-2/3: RMSNorm on each branch output before the residual add
     qk_norm: bool = False  # Gemma-3 / Qwen3: per-head RMSNorm of queries and keys
     attn_scale: float | None = None  # logit scale (default 1/sqrt(head_dim))
+    rope_theta: float | None = None  # rotary positions on queries and keys (Llama's rotate-half form); None: none
 
     def __post_init__(self):
         if self.mlp not in ("gelu", "relu", "silu", "swiglu", "geglu"):
             raise ValueError(f"mlp: must be gelu, relu, silu, swiglu or geglu; got {self.mlp!r}")
         if self.norm not in ("layernorm", "rmsnorm", "none"):
             raise ValueError(f"norm: must be layernorm, rmsnorm or none; got {self.norm!r}")
+        if self.rope_theta is not None and (not self.rope_theta > 0 or self.head_dim % 2):
+            raise ValueError(f"rope_theta: needs theta > 0 and an even head_dim; got {self.rope_theta}, {self.head_dim}")
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"num_kv_heads: must divide num_heads = {self.num_heads}; got {kv}")
@@ -89,6 +94,19 @@ class Norm(nnx.Module):
         return (x - mu) * jax.lax.rsqrt(var + self.eps) * g + self.bias[...]
 
 
+def rotary(x, theta: float):
+    r"""Rotary positions on (..., n, heads, hd), Llama's rotate-half form: position $p$ rotates the pairs
+    $(x_i, x_{i + hd/2})$ by the angle $p\,\theta^{-2i/hd}$."""
+    n, hd = x.shape[-3], x.shape[-1]
+    inv = theta ** (-np.arange(0, hd // 2, dtype=np.float64) * 2.0 / hd)
+    ang = np.arange(n)[:, None] * inv[None, :]  # (n, hd/2), a constant of the shapes
+    cos = jnp.asarray(np.concatenate([np.cos(ang)] * 2, -1), x.dtype)[:, None, :]
+    sin = jnp.asarray(np.concatenate([np.sin(ang)] * 2, -1), x.dtype)[:, None, :]
+    half = hd // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
 def _linear(n_in, n_out, bias, rngs, std):
     init = nnx.initializers.normal(std)
     return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=init, rngs=rngs)
@@ -97,7 +115,7 @@ def _linear(n_in, n_out, bias, rngs, std):
 class Block(nnx.Module):
     """One transformer block (attention + MLP with their norms and residual connections)."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02, mlp_out_std: float | None = None):
         d, H, KV, hd, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.hidden
         self.cfg = cfg
         self.ln1 = Norm(d, cfg.norm, cfg.eps, cfg.norm_offset)
@@ -108,7 +126,7 @@ class Block(nnx.Module):
         self.o = _linear(H * hd, d, cfg.bias, rngs, std)
         self.up = _linear(d, h, cfg.bias, rngs, std)
         self.gate = _linear(d, h, False, rngs, std) if cfg.gated else None
-        self.down = _linear(h, d, cfg.bias, rngs, std)
+        self.down = _linear(h, d, cfg.bias, rngs, std if mlp_out_std is None else mlp_out_std)
         self.post_attn_norm = Norm(d, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.sandwich_norms else None
         self.post_mlp_norm = Norm(d, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.sandwich_norms else None
         self.q_norm = Norm(hd, "rmsnorm", cfg.eps, cfg.norm_offset) if cfg.qk_norm else None
@@ -116,20 +134,22 @@ class Block(nnx.Module):
 
     def attention(self, x):
         cfg = self.cfg
-        n = x.shape[0]
+        lead, n = x.shape[:-2], x.shape[-2]
         H, KV, hd = cfg.num_heads, cfg.kv_heads, cfg.head_dim
-        q = self.q(x).reshape(n, H, hd)
-        k = jnp.repeat(self.k(x).reshape(n, KV, hd), H // KV, axis=1)
-        v = jnp.repeat(self.v(x).reshape(n, KV, hd), H // KV, axis=1)
+        q = self.q(x).reshape(*lead, n, H, hd)
+        k = jnp.repeat(self.k(x).reshape(*lead, n, KV, hd), H // KV, axis=-2)
+        v = jnp.repeat(self.v(x).reshape(*lead, n, KV, hd), H // KV, axis=-2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.rope_theta is not None:
+            q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / np.sqrt(hd)
-        logits = jnp.einsum("ihd,jhd->hij", q, k) * scale
+        logits = jnp.einsum("...ihd,...jhd->...hij", q, k) * scale
         if cfg.causal:
             mask = jnp.tril(jnp.ones((n, n), bool))
             logits = jnp.where(mask, logits, -jnp.inf)
         w = jax.nn.softmax(logits, axis=-1)
-        return self.o(jnp.einsum("hij,jhd->ihd", w, v).reshape(n, H * hd))
+        return self.o(jnp.einsum("...hij,...jhd->...ihd", w, v).reshape(*lead, n, H * hd))
 
     def mlp(self, x):
         kind = self.cfg.mlp
@@ -158,9 +178,9 @@ class Block(nnx.Module):
 class Decoder(nnx.Module):
     """A stack of `Block`s acting on token vectors X (n, d); `__call__` returns every residual state."""
 
-    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02):
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, std: float = 0.02, mlp_out_std: float | None = None):
         self.cfg = cfg
-        self.blocks = nnx.List([Block(cfg, rngs=rngs, std=std) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, std=std, mlp_out_std=mlp_out_std) for _ in range(cfg.n_layers)])
 
     def __call__(self, X):
         """(n_layers + 1, n, d): the input and the residual stream after each block."""
@@ -176,14 +196,17 @@ class Decoder(nnx.Module):
 
         Modelled: the block structure (pre-LN, parallel, post-LN), grouped-query causal attention (BERT:
         bidirectional), the MLP kind and activation, Gemma's 1 + w norm scale, sandwich norms and q/k
-        norms, and `query_pre_attn_scalar`. Not modelled: positional encodings (RoPE, learned), Gemma-2's
-        logit soft-capping and sliding-window layers (all layers attend globally here).
+        norms, and `query_pre_attn_scalar`; for meanfield's own checkpoints (`meanfield train`) also the
+        rotary positions and norm "none", so the loaded blocks are exactly the trained ones. Not modelled
+        for other families: positional encodings (RoPE, learned), Gemma-2's logit soft-capping and
+        sliding-window layers (all layers attend globally here).
         """
         if ckpt.num_heads <= 0 or ckpt.head_dim <= 0:
             raise ValueError(f"{ckpt.source}: the checkpoint does not fix num_heads / head_dim (no config.json?); "
                              "the forward pass needs them")
         first = ckpt.layers[0]
         cfgd = ckpt.config or {}
+        own = ckpt.arch == "meanfield"  # written by `meanfield train`: causal, with its rotary positions if any
         scalar = cfgd.get("query_pre_attn_scalar")
         # Hugging Face defaults when config.json does not say: RMSNorm models 1e-6, BERT 1e-12, else 1e-5
         default_eps = 1e-12 if ckpt.arch == "bert" else 1e-6 if ckpt.norm == "rmsnorm" else 1e-5
@@ -192,7 +215,9 @@ class Decoder(nnx.Module):
             num_kv_heads=ckpt.num_kv_heads or ckpt.num_heads, head_dim=ckpt.head_dim,
             hidden=int(np.asarray(first.w_up).shape[0]), mlp=ckpt.mlp_kind, norm=ckpt.norm,
             gelu_exact=ckpt.activation == "gelu", norm_offset=ckpt.norm_weight_offset != 0.0,
-            parallel_residual=bool(ckpt.parallel_residual), post_ln=ckpt.post_ln, causal=not ckpt.post_ln,
+            parallel_residual=bool(ckpt.parallel_residual), post_ln=ckpt.post_ln,
+            causal=bool(cfgd.get("causal", True)) if own else not ckpt.post_ln,
+            rope_theta=float(cfgd["rope_theta"]) if own and cfgd.get("rope_theta") else None,
             bias=True, sandwich_norms=first.post_attn_norm_weight is not None, qk_norm=first.q_norm_weight is not None,
             attn_scale=None if scalar is None else float(scalar) ** -0.5,
             eps=float(cfgd.get("layer_norm_eps", cfgd.get("rms_norm_eps", cfgd.get("layer_norm_epsilon", default_eps)))),

@@ -83,7 +83,8 @@ def _short(value, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def format_validation(err: ValidationError, where: str) -> str:
+    """pydantic errors as lines `WHERE: field `a.b`: message (got value)`, at most eight."""
     lines = []
     for e in err.errors():
         path = _loc(e["loc"])
@@ -198,12 +199,18 @@ def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConf
         ConfigError: missing, oversized or non-UTF-8 file, YAML syntax error (with line), an alias
             bomb, or a schema violation (with the field path).
     """
+    return config_from_dict(read_yaml_file(path), source=str(path), check_files=check_files)
+
+
+def read_yaml_file(path: str | Path, what: str = "experiment file"):
+    """The parsed YAML of a config file: refused (ConfigError, one line naming the file) when missing,
+    larger than 4 MiB, not UTF-8, holding NUL bytes, not valid YAML, or an alias bomb."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file" + (" (a directory)" if path.is_dir() else ""))
+        raise ConfigError(f"{path}: no such {what}" + (" (a directory)" if path.is_dir() else ""))
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: {size:,} bytes is too large for an experiment file (limit {MAX_FILE_BYTES:,})")
+        raise ConfigError(f"{path}: {size:,} bytes is too large for a config file ({what}; limit {MAX_FILE_BYTES:,})")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -211,7 +218,7 @@ def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConf
         raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     if "\x00" in text:
         raise ConfigError(f"{path}: not a text file (it holds NUL bytes)")
-    return config_from_dict(parse_yaml(text, str(path)), source=str(path), check_files=check_files)
+    return parse_yaml(text, str(path))
 
 
 def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
@@ -221,7 +228,7 @@ def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = 
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, source)) from None
+        raise ConfigError(format_validation(err, source)) from None
     if cfg.initial.kind == "file" and check_files:
         f = Path(cfg.initial.path)
         if not f.is_absolute() and source not in ("<config>",):
@@ -441,7 +448,7 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
             point_cfg = ExperimentConfig.model_validate(tree)
         except ValidationError as err:
             desc = ", ".join(f"{k}={v!r}" for k, v in pt.items())
-            raise ConfigError(_format_validation(err, f"{source}: sweep point {i} ({desc})")) from None
+            raise ConfigError(format_validation(err, f"{source}: sweep point {i} ({desc})")) from None
         if point_cfg.dtype == "float32":
             if not base_checked:
                 base_checked = True
