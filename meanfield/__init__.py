@@ -48,7 +48,9 @@ __all__ += ["load_run", "run_experiment"]
 from . import rule as rule  # noqa: E402
 from .checkpoints import load_checkpoint as load_checkpoint  # noqa: E402
 from .lyapunov import LyapunovResult as LyapunovResult  # noqa: E402
+from .lyapunov import decoder_lyapunov as decoder_lyapunov  # noqa: E402
 from .lyapunov import gaussian_lyapunov as gaussian_lyapunov  # noqa: E402
+from .lyapunov import layer_lyapunov as layer_lyapunov  # noqa: E402
 from .lyapunov import lyapunov_spectrum as lyapunov_spectrum  # noqa: E402
 from .lyapunov import particle_lyapunov as particle_lyapunov  # noqa: E402
 
@@ -58,7 +60,8 @@ from .model.fast_attention import lowrank_attention as lowrank_attention  # noqa
 from .model.fast_attention import truncation_bound as truncation_bound  # noqa: E402
 
 __all__ += ["lowrank_attention", "choose_orders", "truncation_bound", "LowRankInfo"]
-__all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov"]
+__all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov",
+            "layer_lyapunov", "decoder_lyapunov"]
 
 from . import checkpoints as checkpoints  # noqa: E402
 from . import control as control  # noqa: E402

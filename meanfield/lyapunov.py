@@ -17,10 +17,14 @@ A transformer has finite depth, so for depth $T$ these are the *finite-time* exp
 initial transient from the average when the asymptotic exponents are wanted. `running` holds the
 estimate after every interval; `drift` = $\max_j |\lambda_j(T) - \lambda_j(3T/4)|$ is the convergence
 diagnostic (small when the running estimate has settled).
+
+The discrete counterpart, `layer_lyapunov`, does the same for a stack of maps $x_{l+1} = F_l(x_l)$ (one QR
+per layer, exponents per layer); `decoder_lyapunov` applies it to the blocks of a `meanfield.nets.Decoder`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import diffrax
@@ -80,6 +84,41 @@ def _check_inputs(where, t0, t1, interval, discard) -> None:
         raise ValueError(f"{where}: `discard` must be < t1 - t0 = {b - a:g} (nothing would be averaged); got {c:g}.")
 
 
+def _check_k(where: str, k, dim: int) -> int:
+    """k as an int, refused unless an integer with 1 <= k <= dim (the state dimension)."""
+    check_number(where, "k", k, integer=True)
+    if not 1 <= k <= dim:
+        raise ValueError(f"k: must be between 1 and the state dimension {dim}; got {k}")
+    return int(k)
+
+
+def _initial_tangents(flat0, k: int, key, project):
+    """k orthonormal columns (dim, k): the first k coordinate directions, or the QR of a Gaussian draw."""
+    dim, dtype = flat0.shape[0], flat0.dtype
+    if key is None:
+        V0 = jnp.eye(dim, k, dtype=dtype) + 0.0
+    else:
+        V0 = jax.random.normal(key, (dim, k), dtype)
+    if project is not None:
+        V0 = jax.vmap(lambda v: project(flat0, v), in_axes=1, out_axes=1)(V0)
+    return jnp.linalg.qr(V0)[0]
+
+
+def _reorthonormalise(V):
+    """$V = Q R$ with the signs fixed so that diag(R) > 0 (QR is unique up to them): (Q, log|diag R|)."""
+    Q, R = jnp.linalg.qr(V)
+    r = jnp.diagonal(R)
+    s = jnp.where(r < 0, -1.0, 1.0).astype(Q.dtype)
+    return Q * s, jnp.log(jnp.abs(r))
+
+
+def _drift(running) -> jax.Array:
+    """|estimate after all steps - estimate after about 3/4 of them| (the convergence diagnostic)."""
+    n = running.shape[0]
+    q = min(n - 1, max(0, (3 * n) // 4 - 1))
+    return jnp.abs(running[-1] - running[q])
+
+
 def lyapunov_spectrum(
     field: Callable,
     y0,
@@ -123,21 +162,14 @@ def lyapunov_spectrum(
     where = "lyapunov_spectrum"
     flat0, unravel = ravel_pytree(y0)
     dim = flat0.shape[0]
-    if not 1 <= k <= dim:
-        raise ValueError(f"k: must be between 1 and the state dimension {dim}; got {k}")
+    k = _check_k(where, k, dim)
     _check_inputs(where, t0, t1, interval, discard)
     check_finite(where, "y0", flat0)
     check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
     dtype = flat0.dtype
     n_int = max(1, int(round((t1 - t0) / interval)))
     edges = jnp.linspace(t0, t1, n_int + 1, dtype=dtype)
-    if key is None:
-        V0 = jnp.eye(dim, k, dtype=dtype) + 0.0
-    else:
-        V0 = jax.random.normal(key, (dim, k), dtype)
-    if project is not None:
-        V0 = jax.vmap(lambda v: project(flat0, v), in_axes=1, out_axes=1)(V0)
-    V0, _ = jnp.linalg.qr(V0)
+    V0 = _initial_tangents(flat0, k, key, project)
 
     def f_flat(t, y):
         return ravel_pytree(field(t, unravel(y)))[0]
@@ -167,24 +199,18 @@ def lyapunov_spectrum(
         V1 = sol.ys[1][-1]
         if project is not None:
             V1 = jax.vmap(lambda v: project(y1, v), in_axes=1, out_axes=1)(V1)
-        Q, R = jnp.linalg.qr(V1)
-        # fix the signs so that diag(R) > 0 (QR is unique up to them)
-        s = jnp.where(jnp.diagonal(R) < 0, -1.0, 1.0).astype(dtype)
-        logs = jnp.log(jnp.abs(jnp.diagonal(R)))
+        Q, logs = _reorthonormalise(V1)
         counted = (ta >= t0 + discard - 1e-6 * h).astype(dtype)
         total = total + counted * logs
         ok = jnp.all(jnp.isfinite(logs)) & jnp.all(jnp.isfinite(y1)) & (sol.result == diffrax.RESULTS.successful)
-        return (y1, Q * s, total), (total, ok)
+        return (y1, Q, total), (total, ok)
 
     spans = (edges[:-1], edges[1:])
     (y1, _, total), (totals, oks) = jax.lax.scan(step, (flat0, V0, jnp.zeros((k,), dtype)), spans)
     start = jnp.asarray(t0 + discard, dtype)
     elapsed = jnp.maximum(edges[1:] - start, h)
     running = totals / elapsed[:, None]
-    exponents = running[-1]
-    q = min(n_int - 1, max(0, (3 * n_int) // 4 - 1))
-    drift = jnp.abs(running[-1] - running[q])
-    return LyapunovResult(exponents, running, edges[1:], drift, jnp.all(oks), unravel(y1))
+    return LyapunovResult(running[-1], running, edges[1:], _drift(running), jnp.all(oks), unravel(y1))
 
 
 def particle_lyapunov(model, X0, t1: float, k: int, **kwargs) -> LyapunovResult:
@@ -242,3 +268,94 @@ def gaussian_lyapunov(model, m0, S0, t1: float, k: int, **kwargs) -> LyapunovRes
     res = lyapunov_spectrum(field, (m0, S0[iu]), t1, k, **kwargs)
     m1, v1 = res.y1
     return res._replace(y1=(m1, to_S(v1)))
+
+
+def layer_lyapunov(layers, x0, k: int, *, key: jax.Array | None = None, project: Callable | None = None) -> LyapunovResult:
+    r"""The k leading finite-time Lyapunov exponents of a stack of maps $x_{l+1} = F_l(x_l)$, $l = 1..L$.
+
+    The tangents are pushed through each layer's Jacobian and re-orthonormalised after every layer:
+
+    $$J_l Q_{l-1} = Q_l R_l, \quad J_l = \partial F_l(x_l), \qquad
+      \lambda_j = \frac{1}{L} \sum_{l=1}^{L} \log |(R_l)_{jj}|,$$
+
+    so $\sum_{j \le k} \lambda_j$ is the mean log-growth per layer of k-dimensional volumes, and with
+    $Q_0 = I$, k = dim, $\lambda_j = \frac1L \log |R_{jj}|$ of the QR of $J_L \cdots J_1$.
+
+    Arguments:
+        layers: a sequence of callables `F_l(x) -> x` (same pytree structure and shapes), applied in order;
+            the Jacobian-vector products are `jax.jvp` of each, vmapped over the k columns. A Python loop
+            over the layers (it unrolls under `jax.jit`).
+        x0: the input state, any pytree of arrays (flattened internally).
+        k: number of exponents (1 <= k <= dimension of x0).
+        key: random orthonormal initial tangents (QR of a Gaussian draw); default: the first k
+            coordinate directions.
+        project: `project(x, v) -> v` onto the tangent space of an invariant manifold (flat vectors), applied
+            to the initial tangents and before every QR, as in `lyapunov_spectrum`.
+
+    Returns: `LyapunovResult` with exponents in units of 1/layer; `running` (L, k) the estimate after
+    l = 1..L layers, `ts` = 1..L, `drift` = |lambda(L) - lambda(3L/4)|, `y1` = $x_L$.
+
+    Raises:
+        ValueError: naming the argument: `layers` empty, `k` not an integer in [1, dim], concrete `x0`
+            holding NaN / inf.
+    """
+    where = "layer_lyapunov"
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{where}: `layers` must hold at least one map; got none.")
+    flat0, unravel = ravel_pytree(x0)
+    dim = flat0.shape[0]
+    k = _check_k(where, k, dim)
+    check_finite(where, "x0", flat0)
+    V = _initial_tangents(flat0, k, key, project)
+    x, total, totals, oks = flat0, jnp.zeros((k,), flat0.dtype), [], []
+    for F in layers:
+        def F_flat(z, F=F):
+            return ravel_pytree(F(unravel(z)))[0]
+
+        x, V = jax.vmap(lambda v: jax.jvp(F_flat, (x,), (v,)), in_axes=1, out_axes=(None, 1))(V)
+        if project is not None:
+            V = jax.vmap(lambda v: project(x, v), in_axes=1, out_axes=1)(V)
+        V, logs = _reorthonormalise(V)
+        total = total + logs
+        totals.append(total)
+        oks.append(jnp.all(jnp.isfinite(logs)) & jnp.all(jnp.isfinite(x)))
+    n_layers = len(layers)
+    ts = jnp.arange(1, n_layers + 1, dtype=total.dtype)
+    running = jnp.stack(totals) / ts[:, None]
+    return LyapunovResult(running[-1], running, ts, _drift(running), jnp.all(jnp.stack(oks)), unravel(x))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decoder_lyapunov_jit(graphdef, state, X, k, key):
+    from flax import nnx
+
+    decoder = nnx.merge(graphdef, state)
+    return layer_lyapunov([block.__call__ for block in decoder.blocks], X, k, key=key)
+
+
+def decoder_lyapunov(decoder, X, k: int, *, key: jax.Array | None = None) -> LyapunovResult:
+    r"""`layer_lyapunov` of a `meanfield.nets.Decoder`'s block-to-block map on token vectors X (n, d).
+
+    $X_{l+1} = \mathrm{Block}_l(X_l)$ on the n d-dimensional state of all tokens together (attention couples
+    them), so the exponents (1/layer) say how fast nearby token configurations separate (> 0) or merge
+    (< 0) through the network. Computed in X's floating dtype (the parameters are cast to it) under one
+    `jax.jit` (compiled once per decoder structure, k and shape of X).
+
+    Raises:
+        ValueError: naming the argument: `X` not (n, d_model) or holding NaN / inf, `k` not in [1, n d].
+    """
+    from flax import nnx
+
+    where = "decoder_lyapunov"
+    X = jnp.asarray(X)
+    d = decoder.cfg.d_model
+    if X.ndim != 2 or X.shape[1] != d:
+        raise ValueError(f"{where}: `X` must be token vectors of shape (n, d_model = {d}); got shape {tuple(X.shape)}.")
+    if not jnp.issubdtype(X.dtype, jnp.floating):
+        X = X.astype(jnp.result_type(float))
+    k = _check_k(where, k, X.size)
+    check_finite(where, "X", X)
+    graphdef, state = nnx.split(decoder)
+    state = jax.tree.map(lambda a: a.astype(X.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    return _decoder_lyapunov_jit(graphdef, state, X, k, key)

@@ -1,6 +1,7 @@
 """``meanfield weights PATH``: the 1:1 rule's per-layer numbers for a local checkpoint (no network).
 
     meanfield weights PATH [--attention wo|value|both] [--fold-gains] [--out DIR] [--float64]
+                           [--lyapunov [--lyapunov-k K] [--probe-tokens N] [--seed S] [--probe FILE.npy]]
 
 Per layer: ||W_mlp||_2, ||W_attn||_2, rho = ||W_mlp||_2/||W_attn||_2 and the propagated effective rank and
 condition number of `meanfield.rule.propagate`. Default precision is the rule's per-model script (each
@@ -11,11 +12,20 @@ traceback. Refused: damaged or truncated safetensors files (the header is checke
 before anything is read), a sharded index naming a missing shard, config.json that is not a JSON object or
 whose fields contradict the tensors, incomplete layers, weights holding NaN / inf, and a model whose d x d
 matrices would not fit in memory. All-zero W_mlp / W_attn (rho undefined) are analysed with a warning.
+
+``--lyapunov`` adds the K (default 8) leading finite-time Lyapunov exponents of the block-to-block map of the
+actual forward pass (`meanfield.nets.Decoder.from_checkpoint`, `meanfield.lyapunov.decoder_lyapunov`), in units
+of 1/layer, on probe tokens: ``--probe-tokens N`` (default 16) N(0, I) vectors of dimension d_model drawn with
+``--seed`` (default 0), or ``--probe FILE.npy`` (a real array of shape (n, d_model)). Positive: nearby token
+configurations separate through the network; negative: they merge. Added to weights.nc (``lyapunov_exponent``,
+``lyapunov_drift`` over ``exponent``, ``lyapunov_running`` over layer x exponent) and written to lyapunov.csv.
+float32 unless ``--float64``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import pathlib
@@ -35,7 +45,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="W_attn: wo = W_o (the rule's; W_o W_o^T if not square), value = sum_h W_o^h W_v^h (default: wo)")
     p.add_argument("--fold-gains", action="store_true", help="fold the norm gains into W_up / W_v (and Gemma's post-norms into W_down / W_o)")
     p.add_argument("--out", help="output directory (default: runs/weights/<name>)")
-    p.add_argument("--float64", action="store_true", help="store C in float64 too (default: float64 steps, float32 storage, as the rule)")
+    p.add_argument("--float64", action="store_true", help="store C in float64 too (default: float64 steps, float32 storage, as the rule); "
+                   "--lyapunov in float64 too (default float32)")
+    p.add_argument("--lyapunov", action="store_true",
+                   help="also the finite-time Lyapunov exponents (1/layer) of the forward pass's block-to-block map on probe tokens")
+    p.add_argument("--lyapunov-k", type=int, metavar="K", help="number of exponents (default 8; at most n x d_model)")
+    p.add_argument("--probe-tokens", type=int, metavar="N", help="--lyapunov on N random N(0, I) tokens (default 16)")
+    p.add_argument("--seed", type=int, help="seed of the random probe tokens and initial tangents (default 0)")
+    p.add_argument("--probe", metavar="FILE.npy", help="--lyapunov on these tokens instead: a real .npy array of shape (n, d_model)")
     p.set_defaults(func=run)
     return p
 
@@ -84,6 +101,99 @@ def analyse(ckpt, attentions, *, fold_gains=False, float64=False):
                     "float64 steps, C stored in float32 (the rule's per-model script)",
                     method="C_0 = I, A_l = I + W_mlp + W_attn, C_{l+1} = A C A^T / ||A C A^T||_2 (meanfield.rule.propagate)")
     return ds
+
+
+def _read_probe(path, d: int) -> np.ndarray:
+    """Tokens (n, d) from a .npy file: the shape read from the header first, then `read_tokens_file`'s checks
+    (no pickles, a real dtype, a size limit, finite values). ValueError naming the file."""
+    from ..sweep.store import read_tokens_file
+
+    shape = None
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = tuple(read(f)[0])
+    except (ValueError, OSError, EOFError):
+        pass  # read_tokens_file says what is wrong
+    if shape is not None and (len(shape) != 2 or shape[1] != d or shape[0] < 1):
+        raise ValueError(f"{path}: array shape {shape} is not (n, d_model) = (n, {d}) with n >= 1")
+    return read_tokens_file(pathlib.Path(path), shape if shape is not None else (0, d))
+
+
+def probe(args, d: int) -> tuple[np.ndarray, str]:
+    """The probe tokens of ``--lyapunov`` (n, d) and a line saying what they are; ValueError naming the option."""
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed: must be >= 0; got {args.seed}")
+    if args.probe is not None:
+        if args.probe_tokens is not None:
+            raise ValueError("--probe: give either --probe or --probe-tokens, not both")
+        try:
+            X = _read_probe(args.probe, d)
+        except ValueError as exc:
+            raise ValueError(f"--probe {exc}") from None
+        return X, f"{X.shape[0]} tokens from {args.probe}"
+    n = 16 if args.probe_tokens is None else args.probe_tokens
+    seed = 0 if args.seed is None else args.seed
+    if n < 1:
+        raise ValueError(f"--probe-tokens: must be >= 1; got {n}")
+    if seed < 0:
+        raise ValueError(f"--seed: must be >= 0; got {seed}")
+    X = np.random.default_rng(seed).standard_normal((n, d))
+    return X, f"{n} N(0, I) tokens (numpy default_rng({seed}).standard_normal((n, d_model)))"
+
+
+def lyapunov(ckpt, X, k: int, *, float64: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+    """`decoder_lyapunov` of the checkpoint's forward pass on tokens X: exponents, drift (k,), running (L, k), finite.
+    The initial tangents are random (`jax.random.key(seed)`): the first k coordinate directions would all
+    belong to token 0, and a few layers would not turn them towards the leading directions."""
+    import jax
+
+    from ..lyapunov import decoder_lyapunov
+    from ..nets import Decoder
+
+    decoder = Decoder.from_checkpoint(ckpt)
+    with jax.enable_x64(True) if float64 else contextlib.nullcontext():
+        res = decoder_lyapunov(decoder, np.asarray(X, np.float64 if float64 else np.float32), k, key=jax.random.key(seed))
+        return {"exponents": np.asarray(res.exponents, np.float64), "drift": np.asarray(res.drift, np.float64),
+                "running": np.asarray(res.running, np.float64), "finite": bool(res.finite)}
+
+
+def add_lyapunov(ds, lyap, probe_line: str, k: int, n_tokens: int, float64: bool) -> None:
+    """Put the exponents into the weights dataset: dims exponent (1..k) and layer x exponent."""
+    ds.coords["exponent"] = np.arange(1, k + 1)
+    ds["lyapunov_exponent"] = (("exponent",), lyap["exponents"], {
+        "long_name": r"$\lambda_j$", "units": "1/layer",
+        "description": "finite-time Lyapunov exponents of the block-to-block map X_{l+1} = Block_l(X_l) on the probe "
+                       "tokens: (1/L) sum_l log|R_jj| of the QR after every block; > 0 nearby token configurations "
+                       "separate, < 0 they merge"})
+    ds["lyapunov_drift"] = (("exponent",), lyap["drift"], {
+        "long_name": "drift", "units": "1/layer", "description": "|lambda(L) - lambda(3L/4)| (convergence diagnostic)"})
+    ds["lyapunov_running"] = (("layer", "exponent"), lyap["running"], {
+        "long_name": r"$\lambda_j$ after block layer", "units": "1/layer",
+        "description": "the estimate after blocks 0..layer: sum of log|R_jj| divided by layer + 1"})
+    ds.attrs.update(lyapunov_probe=probe_line, lyapunov_tokens=n_tokens, lyapunov_k=k,
+                    lyapunov_precision="float64" if float64 else "float32",
+                    lyapunov_method="meanfield.lyapunov.decoder_lyapunov on meanfield.nets.Decoder.from_checkpoint "
+                                    "(initial tangents: the first k coordinate directions of the flattened (n, d_model) state)")
+
+
+def print_lyapunov(ds) -> None:
+    print(f"Lyapunov exponents of the block-to-block map, {ds.attrs['lyapunov_k']} of n x d_model = "
+          f"{ds.attrs['lyapunov_tokens'] * ds.attrs['d_model']}, on {ds.attrs['lyapunov_probe']} ({ds.attrs['lyapunov_precision']}):")
+    print("  per layer (1/L sum of log stretch per block); positive: nearby token configurations separate, "
+          "negative: they merge")
+    print(f"{'j':>5} {'lambda_j':>12} {'drift':>10}")
+    for j, (lam, dr) in enumerate(zip(ds.lyapunov_exponent.values, ds.lyapunov_drift.values), 1):
+        print(f"{j:5d} {lam:12.5g} {dr:10.2e}")
+
+
+def write_lyapunov_csv(ds, path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["exponent", "lyapunov_exponent", "drift"])
+        for j, lam, dr in zip(ds.exponent.values, ds.lyapunov_exponent.values, ds.lyapunov_drift.values):
+            w.writerow([int(j), f"{lam:.8g}", f"{dr:.8g}"])
 
 
 def _memory_estimate(ckpt) -> int:
@@ -189,6 +299,18 @@ def run(args) -> int:
         # the readers check the files (CheckpointError); this only keeps a case they miss from a traceback
         return _error(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}).")
     attentions = ("wo", "value") if args.attention == "both" else (args.attention,)
+    given = [o for o, v in (("--lyapunov-k", args.lyapunov_k), ("--probe-tokens", args.probe_tokens), ("--seed", args.seed),
+                            ("--probe", args.probe)) if v is not None]
+    if given and not args.lyapunov:
+        return _error(f"{given[0]}: only applies with --lyapunov")
+    if args.lyapunov:
+        try:
+            X, probe_line = probe(args, ckpt.d_model)
+        except ValueError as exc:
+            return _error(str(exc))
+        k = 8 if args.lyapunov_k is None else args.lyapunov_k
+        if not 1 <= k <= X.size:
+            return _error(f"--lyapunov-k: must be between 1 and n x d_model = {X.shape[0]} x {ckpt.d_model} = {X.size}; got {k}")
     out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / "weights" / (path.stem if path.is_file() else path.resolve().name)
     if out.exists() and not out.is_dir():
         return _error(f"--out {out}: exists and is not a directory")
@@ -207,6 +329,17 @@ def run(args) -> int:
     if bad:
         return _error(f"{path}: the analysis gave non-finite values ({bad}); the weights are finite but too large or "
                       "degenerate for the rule, so no numbers are reported.")
+    if args.lyapunov:
+        try:
+            lyap = lyapunov(ckpt, X, k, float64=args.float64, seed=args.seed or 0)
+        except (CheckpointError, ValueError, TypeError, KeyError) as exc:
+            return _error(f"{path}: --lyapunov cannot run this checkpoint's forward pass ({exc})")
+        except MemoryError:
+            return _error(f"{path}: --lyapunov: out of memory")
+        if not (lyap["finite"] and np.all(np.isfinite(lyap["exponents"])) and np.all(np.isfinite(lyap["running"]))):
+            return _error(f"{path}: --lyapunov gave non-finite exponents (the forward pass on the probe tokens overflows or "
+                          "a Jacobian is singular), so none are reported.")
+        add_lyapunov(ds, lyap, probe_line, k, X.shape[0], args.float64)
     print(f"{path}: {ckpt.arch}, {ckpt.num_layers} layers, d_model {ckpt.d_model}, heads {ckpt.num_heads} "
           f"(kv {ckpt.num_kv_heads}, head_dim {ckpt.head_dim}), stored {ckpt.dtype}; {ds.attrs['precision']}")
     for a in attentions:
@@ -225,14 +358,18 @@ def run(args) -> int:
     print_table(ds)
     for line in summary_lines(ds):
         print(line)
+    if args.lyapunov:
+        print_lyapunov(ds)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(ds, out / "weights.csv")
         ds.to_netcdf(out / "weights.nc", engine="h5netcdf")
         plot(ds, out / "weights.png")
+        if args.lyapunov:
+            write_lyapunov_csv(ds, out / "lyapunov.csv")
     except OSError as exc:
         return _error(f"--out {out}: cannot write ({exc.strerror or exc}).")
-    for f in ("weights.csv", "weights.nc", "weights.png"):
+    for f in ("weights.csv", "weights.nc", "weights.png") + (("lyapunov.csv",) if args.lyapunov else ()):
         print(f"wrote {out / f}")
     return 0
 
