@@ -6,6 +6,8 @@
     meanfield validate FILE
     meanfield plot RUN_DIR
     meanfield list
+    meanfield train FILE [--out DIR] [--resume] [--overwrite] [--quiet]
+    meanfield weights PATH [--attention wo|value|both] [--lyapunov] ...
 
 Exit status 0 on success, 2 for a bad experiment file, input file or output directory (one
 message naming the file and field; nothing is written), 1 for a failure while running (e.g. a
@@ -107,7 +109,7 @@ def _computes(args) -> bool:
         from .figures import FIGURES
 
         return bool(args.names) and not args.list and all(n in FIGURES for n in args.names if n != "all")
-    return args.command in ("run", "weights")
+    return args.command in ("run", "weights", "train")
 
 
 def _cmd_run(args) -> int:
@@ -189,23 +191,37 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _cmd_list(args) -> int:
+def _description(f: Path) -> str:
+    """The first line of a YAML file's `description` field ('' without one)."""
     import yaml
 
+    try:
+        desc = (yaml.safe_load(f.read_text()) or {}).get("description", "")
+    except yaml.YAMLError:
+        return "(invalid YAML)"
+    return desc.strip().splitlines()[0] if isinstance(desc, str) and desc.strip() else ""
+
+
+def _cmd_list(args) -> int:
     seen = set()
     for d in EXPERIMENTS_DIRS:
         for f in sorted(d.glob("*.yaml")):
             if f.name in seen:
                 continue
             seen.add(f.name)
-            try:
-                desc = (yaml.safe_load(f.read_text()) or {}).get("description", "")
-            except yaml.YAMLError:
-                desc = "(invalid YAML)"
-            print(f"{f.stem:28} {desc.strip().splitlines()[0] if desc else ''}")
+            print(f"{f.stem:28} {_description(f)}")
             print(f"{'':28} {f}")
     if not seen:
         print("no shipped experiments found (looked in: " + ", ".join(map(str, EXPERIMENTS_DIRS)) + ")")
+    from .train.cli import TRAINING_DIRS
+
+    shown = set()
+    for d in TRAINING_DIRS:
+        for f in sorted(d.glob("*.yaml")):
+            if f.name not in shown:
+                shown.add(f.name)
+                print(f"{f.stem:28} (meanfield train) {_description(f)}")
+                print(f"{'':28} {f}")
     return 0
 
 
@@ -285,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the catalogued figures")
     p.set_defaults(func=_cmd_figures)
     from .checkpoints.cli import add_parser as add_weights_parser
+    from .train.cli import add_parser as add_train_parser
 
     add_weights_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
@@ -315,12 +333,13 @@ def _os_error_line(exc: OSError) -> str:
 
 
 def main(argv=None) -> int:
-    _avoid_eigen_pool_wedge()
+    args = build_parser().parse_args(argv)
+    if args.command != "train":  # training is large matmuls: it needs the threaded pool (and never wedged)
+        _avoid_eigen_pool_wedge()
     import matplotlib
 
     matplotlib.use("Agg")  # the command line only draws to files; the library leaves the backend alone
 
-    args = build_parser().parse_args(argv)
     code = _dispatch(args)
     if getattr(args, "distributed", False):
         import jax
@@ -349,6 +368,9 @@ def _dispatch(args) -> int:
         if isinstance(exc, RunInterrupted):
             print(f"\ninterrupted: {exc.done} of {exc.total} points are saved in {exc.run_dir}; run the same "
                   "command again to resume", file=sys.stderr)
+        elif args.command == "train":
+            print("\ninterrupted: rerun the same command with --resume to continue from the newest checkpoint",
+                  file=sys.stderr)
         else:
             print("\ninterrupted", file=sys.stderr)
         return 130
