@@ -38,3 +38,4 @@ register("million_tokens", "million_tokens", "10^6 tokens clustering on S^2 to t
 register("gaussian_tracking", "gaussian_tracking", "Gaussian tokens through a finite NNX transformer: distance to Gaussianity per layer, empirical vs moment-ODE covariance")
 register("reachability", "reachability", "Steering N(m0, S0) to N(m1, S1) with piecewise-constant controls: covariance ellipses over depth, BW distance vs L-BFGS iteration")
 register("covariance_regimes", "covariance_regimes", "tr S(t) for equilibrium, collapse and blow-up parameter sets with predicted blow-up times and equilibrium level")
+register("training_telemetry", "training_telemetry", "Byte-level LMs trained with telemetry: rho per layer, centred hidden-state erank and validation loss vs step, init gain x norm x spectral guard")

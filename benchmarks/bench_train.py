@@ -1,0 +1,133 @@
+"""`meanfield train`: training throughput against the machine's matmul throughput, and the cost of
+telemetry and of the spectral guard, all timed in this one process.
+
+What it measures, for the experiment's model (d_model 128, 4 layers, 4 heads, GELU, pre-LN, byte
+vocabulary, seq_len 128, batch 16; `experiments/training_telemetry.yaml`) and a wider one (d_model 256):
+
+1. Matmul floor: a jitted float32 (1024 x 1024) @ (1024 x 1024) product, best of 5 rounds of 10;
+   also the model's own MLP shape (2048 x d) @ (d x 4d).
+2. Training throughput: the updates after step 50 of the K = 50 run below, from its `train_seconds`
+   (telemetry excluded, the step's compile too); FLOPs counted as 6 x parameters x tokens per step
+   (attention's T^2 terms not counted).
+   Target: >= 50% of the 1024^2 matmul throughput.
+3. Telemetry overhead at K = 50 (rho both ways, linear erank, hidden eranks, validation loss every 50
+   steps; Lyapunov spectrum every 100): wall time of the same run with K = 50 against K = steps, the
+   telemetry programs compiled beforehand. Target: <= 10%.
+4. Spectral guard (every step, band 0.5-2): wall time against the same run without it (reported).
+
+    python benchmarks/bench_train.py [--steps N] [--quick]
+
+Run it on an otherwise idle machine: two cores shared with anything else move every ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meanfield.train import train
+from meanfield.train.config import train_config_from_dict
+
+
+def matmul_gflops(m: int, k: int, n: int, rounds: int = 5, reps: int = 10) -> float:
+    a = jnp.ones((m, k), jnp.float32)
+    b = jnp.ones((k, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = np.inf
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(a, b)
+        out.block_until_ready()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * m * k * n / best / 1e9
+
+
+def config(d: int, steps: int, every: int, lyapunov_every: int, guard: bool = False):
+    return train_config_from_dict({
+        "name": "bench", "steps": steps, "seed": 0,
+        "data": {"seq_len": 128, "batch_size": 16},
+        "model": {"d_model": d, "n_layers": 4, "num_heads": 4},
+        "telemetry": {"every": every, "lyapunov_every": lyapunov_every},
+        "checkpoint": {"every": 10 * steps},
+        "guard": {"enabled": guard},
+    })
+
+
+def params_of(d: int) -> int:
+    from flax import nnx
+
+    from meanfield.train.lm import LanguageModel
+
+    cfg = config(d, 1, 1, 0)
+    model = LanguageModel(cfg.model, 128, rngs=nnx.Rngs(0))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def timed_run(cfg, root: Path, name: str):
+    t = time.perf_counter()
+    ds = train(cfg, root / name, quiet=True)
+    return time.perf_counter() - t, ds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--quick", action="store_true", help="60 steps, d_model 128 only")
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args()
+    steps = 60 if args.quick else args.steps
+    widths = (128,) if args.quick else (128, 256)
+    out: dict = {"steps": steps}
+    floor = matmul_gflops(1024, 1024, 1024)
+    out["matmul_gflops_1024"] = floor
+    print(f"matmul floor: (1024 x 1024)^2 float32 {floor:.1f} GFLOP/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for d in widths:
+            mlp = matmul_gflops(2048, d, 4 * d)
+            n_params = params_of(d)
+            # warm-up: compiles the telemetry programs of this shape (the step compiles in every run)
+            train(config(d, 2, 1, 1), root / f"warm{d}", quiet=True)
+            wall_off, ds_off = timed_run(config(d, steps, steps, 0), root, f"off{d}")
+            wall_on, ds_on = timed_run(config(d, steps, 50, 100), root, f"on{d}")
+            wall_guard, ds_guard = timed_run(config(d, steps, steps, 0, guard=True), root, f"guard{d}")
+            # updates only, from the record at step 50 on: the first step's compile excluded
+            first = 1
+            ts = ds_on.train_seconds.values
+            per_step = float(ts[-1] - ts[1]) / (steps - int(ds_on.step.values[1]))
+            flops = 6 * n_params * 16 * 128
+            gflops = flops / per_step / 1e9
+            overhead = wall_on / wall_off - 1
+            guard_cost = wall_guard / wall_off - 1
+            tel = ds_on.telemetry_seconds.values[first:]
+            row = dict(d_model=d, params=n_params, matmul_mlp_shape_gflops=mlp, step_ms=per_step * 1e3,
+                       train_gflops=gflops, fraction_of_floor=gflops / floor, wall_no_telemetry_s=wall_off,
+                       wall_telemetry_k50_s=wall_on, telemetry_overhead=overhead, wall_guard_s=wall_guard,
+                       guard_overhead=guard_cost, telemetry_record_s=float(np.mean(tel)),
+                       val_loss_no_guard=float(ds_off.val_loss[-1]), val_loss_guard=float(ds_guard.val_loss[-1]))
+            out[f"d{d}"] = row
+            print(f"\nd_model {d}: {n_params:,} parameters, {steps} steps of 16 x 128 tokens")
+            print(f"  matmul at the MLP's shape (2048 x {d}) @ ({d} x {4 * d}): {mlp:.1f} GFLOP/s")
+            print(f"  training: {per_step * 1e3:.0f} ms/step (after step 50), {gflops:.1f} GFLOP/s "
+                  f"(6 N D) = {gflops / floor:.0%} of the 1024^2 matmul floor  "
+                  f"[target >= 50%: {'met' if gflops / floor >= 0.5 else 'NOT met'}]")
+            print(f"  telemetry every 50 steps (+ Lyapunov every 100): wall {wall_on:.1f} s vs {wall_off:.1f} s without "
+                  f"-> {overhead:+.1%} (one record {np.mean(tel):.2f} s)  "
+                  f"[target <= 10%: {'met' if overhead <= 0.10 else 'NOT met'}]")
+            print(f"  spectral guard every step: wall {wall_guard:.1f} s -> {guard_cost:+.1%}; final val loss "
+                  f"{row['val_loss_guard']:.4f} with, {row['val_loss_no_guard']:.4f} without")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
