@@ -45,6 +45,12 @@ def value_matrix(w_o, w_v, *, num_heads: int, num_kv_heads: int, head_dim: int) 
         raise CheckpointError(
             f"value-aware W_attn: grouped-query attention (W_v has {w_v.shape[0]} rows, W_o {w_o.shape[1]} columns) "
             "needs num_attention_heads / num_key_value_heads from config.json, which this checkpoint lacks.")
+    return grouped_value_matrix(w_o, w_v, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+def grouped_value_matrix(w_o, w_v, *, num_heads: int, num_kv_heads: int, head_dim: int):
+    r"""$\sum_h W_o^h W_v^{g(h)}$ for known head counts, in the inputs' own array type and dtype (NumPy, or
+    JAX under `jit`, as in the spectral guard): the query heads sharing a key/value head are summed first."""
     d = w_o.shape[0]
     rep = num_heads // num_kv_heads
     w_o_grouped = w_o.reshape(d, num_kv_heads, rep, head_dim).sum(axis=2).reshape(d, num_kv_heads * head_dim)

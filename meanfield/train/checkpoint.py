@@ -82,7 +82,8 @@ def save(run_dir: Path, step: int, tensors: dict[str, np.ndarray], config_json: 
     if keep:
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    for old in complete(run_dir)[:-2]:
+        done = done[-keep:]
+    for old in done[:-2]:
         (old / "optimizer.safetensors").unlink(missing_ok=True)
     return final
 

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..checkpoints.matrices import grouped_value_matrix
+
 
 class GuardState(NamedTuple):
     count: jax.Array  # updates seen
@@ -33,14 +35,12 @@ def mlp_matrix(up_kernel, down_kernel):
 
 
 def attention_matrix(o_kernel, v_kernel, attention: str, num_heads: int, kv_heads: int):
-    r"""$W_o$ or $\sum_h W_o^h W_v^{g(h)}$ (y = W x) from NNX kernels (in, out)."""
+    r"""$W_o$ or $\sum_h W_o^h W_v^{g(h)}$ (y = W x) from NNX kernels (in, out), with `meanfield weights`'s
+    `grouped_value_matrix`."""
     if attention == "wo":
         return o_kernel.T
-    hd = o_kernel.shape[0] // num_heads
-    d = o_kernel.shape[1]
-    o = o_kernel.reshape(kv_heads, num_heads // kv_heads, hd, d).sum(axis=1)  # heads sharing a value head
-    v = v_kernel.reshape(d, kv_heads, hd)
-    return jnp.einsum("dgk,gke->ed", v, o)
+    return grouped_value_matrix(o_kernel.T, v_kernel.T, num_heads=num_heads, num_kv_heads=kv_heads,
+                                head_dim=o_kernel.shape[0] // num_heads)
 
 
 def spectral_norm(W):

@@ -68,12 +68,13 @@ def _guard_scale(opt_state):
     return getattr(last, "scale", None)
 
 
-def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) -> None:
-    """A run directory is one `meanfield train` made (it holds train.json); refuse anything else."""
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) -> dict | None:
+    """A run directory is one `meanfield train` made (it holds train.json); refuse anything else.
+    Returns the train.json of the run being resumed (None for a new or replaced run)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory")
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
-        return
+        return None
     marker = run_dir / MARKER
     if not marker.is_file():
         raise ConfigError(f"--out {run_dir}: a non-empty directory that `meanfield train` did not make (no {MARKER}); "
@@ -85,7 +86,7 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) ->
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
-        return
+        return None
     if not resume:
         raise ConfigError(f"--out {run_dir}: holds a training run; --resume to continue it, --overwrite to replace it")
     try:
@@ -95,6 +96,7 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) ->
     if old.get("config_digest") != digest:
         raise ConfigError(f"--out {run_dir}: was trained with another configuration (digest {old.get('config_digest')}, "
                           f"this file's is {digest}); --overwrite to replace it, or choose another directory")
+    return old
 
 
 def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
@@ -108,20 +110,17 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
         raise ConfigError("train: this configuration has a grid; use train_grid")
     run_dir = Path(run_dir)
     digest = cfg.digest()
-    _check_run_dir(run_dir, resume, overwrite, digest)
+    old = _check_run_dir(run_dir, resume, overwrite, digest)
     d = cfg.data
     corpus = corpus or load_corpus(d.corpus, d.max_bytes, d.val_fraction, d.seq_len, base_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     info = {"config_digest": digest, "corpus": corpus.source, "corpus_sha256": corpus.sha256,
             "corpus_bytes": {"train": int(len(corpus.train)), "val": int(len(corpus.val))},
             "jax": jax.__version__, "backend": jax.default_backend()}
-    marker = run_dir / MARKER
-    if marker.is_file():
-        old = json.loads(marker.read_text())
-        if old.get("corpus_sha256") != corpus.sha256:
-            raise ConfigError(f"--out {run_dir}: was trained on other bytes (corpus sha256 {old.get('corpus_sha256')[:12]}..., "
-                              f"now {corpus.sha256[:12]}...; another Python's stdlib or an edited file); --overwrite to start again")
-    atomic_write_text(json.dumps(info, indent=1), marker)
+    if old is not None and old.get("corpus_sha256") != corpus.sha256:
+        raise ConfigError(f"--out {run_dir}: was trained on other bytes (corpus sha256 {str(old.get('corpus_sha256'))[:12]}..., "
+                          f"now {corpus.sha256[:12]}...; another Python's stdlib or an edited file); --overwrite to start again")
+    atomic_write_text(json.dumps(info, indent=1), run_dir / MARKER)
     atomic_write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), run_dir / "config.yaml")
 
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
