@@ -47,7 +47,7 @@ Benchmarks
    (`jax.tree.map(lambda *xs: jnp.stack(xs), *models)`) and initial conditions, vs a Python
    loop over systems running the NumPy RK4 of 2 (with the sphere normalisation and tangent
    projection of `mf.token_velocity`). Ratio = NumPy loop time / JAX time. Target: >= 100x.
-4. **Peak memory of one RK4 step at n = 65,536, d = 16** (`attention_impl="auto"` picks the
+4. **Peak memory of one RK4 step at n = 65,536, d = 16** (the default `attention=mf.Auto()` picks the
    blocked, online-softmax attention above 4096 tokens). Two fresh subprocesses: "base"
    imports jax + meanfield and builds the model and tokens; "step" does the same, compiles
    and runs one `simulate_particles` RK4 step. Each reports its own peak RSS (VmHWM /

@@ -44,7 +44,7 @@ def model():
     return mf.Model(Q=Q, K=K, V=V, beta=1.0, norm="sphere", dtype=jnp.float64)
 
 
-RHO0 = von_mises_mixture([0.5, 2.5], [2.0, 4.0], [0.6, 0.4])
+DENSITY0 = von_mises_mixture([0.5, 2.5], [2.0, 4.0], [0.6, 0.4])
 
 
 def timed(fn, rounds=3):
@@ -65,34 +65,34 @@ def main():
     seeds = 2 if args.quick else 3
     m = model()
     print(f"load average at start: {os.getloadavg()}")
-    ref = simulate_density(m, RHO0, T, n_save=2, tail_tol=1e-9, rtol=1e-12, atol=1e-14)
-    rho_ref = ref.rho[-1]
+    ref = simulate_density(m, DENSITY0, T, n_save=2, tail_tol=1e-9, rtol=1e-12, atol=1e-14)
+    density_ref = ref.density[-1]
     print(f"reference: N = {ref.modes.tolist()}, resolved = {ref.resolved}, tail = {ref.tail[-1]:.1e}, "
           f"mass error = {abs(ref.mass[-1] - 1):.1e}, peaks = {ref.peaks()[-1]}")
     ws = []
     for s in range(seeds):
-        th0 = sample_density(jax.random.key(s), RHO0, n, dtype=jnp.float64)
+        th0 = sample_density(jax.random.key(s), DENSITY0, n, dtype=jnp.float64)
         _, th, steps_angles = simulate_angles(m, th0, T, n_save=2)
-        ws.append(float(w1_samples_density(th[-1], rho_ref)))
+        ws.append(float(w1_samples_density(th[-1], density_ref)))
     w_target = float(np.mean(ws))
     print(f"particles n = {n}: W1 to the reference at t = {T:g}: {w_target:.3e} (seeds: {np.round(ws, 5).tolist()})")
     chosen = None
     for N in (8, 12, 16, 20, 24, 32, 48, 64, 96, 128):
-        sol = simulate_density(m, RHO0, T, n_save=2, modes=N, on_underresolved="warn", tail_tol=1.0, rtol=1e-6,
+        sol = simulate_density(m, DENSITY0, T, n_save=2, modes=N, on_underresolved="warn", tail_tol=1.0, rtol=1e-6,
                                atol=1e-8)
-        w = float(w1_densities(sol.rho[-1], rho_ref))
+        w = float(w1_densities(sol.density[-1], density_ref))
         print(f"  PDE N = {N:4d}: W1 to reference = {w:.3e}, steps = {sol.num_steps}")
         if w <= w_target:
             chosen = N
             break
-    run_pde = lambda: simulate_density(m, RHO0, T, n_save=2, modes=chosen, on_underresolved="warn",  # noqa: E731
-                                       tail_tol=1.0, rtol=1e-6, atol=1e-8).rho
+    run_pde = lambda: simulate_density(m, DENSITY0, T, n_save=2, modes=chosen, on_underresolved="warn",  # noqa: E731
+                                       tail_tol=1.0, rtol=1e-6, atol=1e-8).density
     t_pde = timed(run_pde)
-    th0 = sample_density(jax.random.key(0), RHO0, n, dtype=jnp.float64)
+    th0 = sample_density(jax.random.key(0), DENSITY0, n, dtype=jnp.float64)
     run_angles = lambda: simulate_angles(m, th0, T, n_save=2)[1]  # noqa: E731
     t_ang = timed(run_angles, rounds=2)
     X0 = G.to_tokens(th0)
-    field = jax.jit(lambda X: mf.token_velocity(m, X, impl="blocked", block_size=2048))
+    field = jax.jit(lambda X: mf.token_velocity(m, X, attention=mf.Blocked(block_size=2048)))
     t_eval = timed(lambda: field(X0), rounds=1)
     steps = 100
     t_part = 4 * steps * t_eval[0]

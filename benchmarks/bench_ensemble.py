@@ -48,7 +48,9 @@ import meanfield as mf  # noqa: E402
 from bench_sweep import gaussian_config, loop_gaussian, particle_config  # noqa: E402
 from meanfield.model.field import particle_field  # noqa: E402
 from meanfield.sweep.plan import config_from_dict, make_plan  # noqa: E402
-from meanfield.sweep.run import make_point_function, run_experiment  # noqa: E402
+from meanfield.sweep.points import make_point_function  # noqa: E402
+from meanfield.sweep.run import run_experiment  # noqa: E402
+from meanfield.sweep.schedule import POINT_INDEX  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,7 +161,7 @@ def old_engine_rate(raw: dict, n_points: int) -> float:
 
     def chunk(idx):
         vals = {p: np.asarray(v)[idx] for p, v in g.values.items()}
-        vals["__point__"] = g.indices[idx]
+        vals[POINT_INDEX] = g.indices[idx]
         return fn(vals)
 
     jax.block_until_ready(chunk(sel[:size]))  # compile

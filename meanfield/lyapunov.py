@@ -32,7 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from ._display import Summarised, Summary
+from .model.attention import AbstractAttention
 from .model.field import moment_field, particle_field
+from .simulate.attention_policy import Auto, resolve_attention
 from .simulate.checks import (
     check_covariance, check_finite, check_model_finite, check_number, check_solver_options, check_span,
     concrete_scalar,
@@ -40,11 +43,7 @@ from .simulate.checks import (
 from .simulate.solvers import default_tolerances, make_controller, make_solver
 
 
-class LyapunovResult(NamedTuple):
-    """`exponents` (k,), `running` (n_intervals, k) estimates after each interval at times `ts`,
-    `drift` (k,) = |lambda(T) - lambda(3T/4)|, `finite` (whether every interval stayed finite),
-    `y1` the final state (same pytree as the initial state)."""
-
+class _LyapunovFields(NamedTuple):
     exponents: jax.Array
     running: jax.Array
     ts: jax.Array
@@ -52,26 +51,23 @@ class LyapunovResult(NamedTuple):
     finite: jax.Array
     y1: object
 
-    def _summary(self) -> list[tuple[str, str]]:
-        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+
+class LyapunovResult(Summarised, _LyapunovFields):
+    """`exponents` (k,), `running` (n_intervals, k) estimates after each interval at times `ts`,
+    `drift` (k,) = |lambda(T) - lambda(3T/4)|, `finite` (whether every interval stayed finite),
+    `y1` the final state (same pytree as the initial state). A NamedTuple (its fields in that order)."""
+
+    __slots__ = ()
+
+    def _summary(self) -> Summary:
+        """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
         from . import _display as D
 
-        return [("exponents", D.num(self.exponents)), ("drift", D.num(self.drift)),
+        rows = [("exponents", D.num(self.exponents)), ("drift", D.num(self.drift)),
                 ("intervals", str(self.running.shape[-2]) if getattr(self.running, "ndim", 0) >= 2 else "?"),
                 ("ts", D.span(self.ts)), ("finite", D.flag(self.finite))]
-
-    def __repr__(self) -> str:
-        from . import _display as D
-
-        rows = D.summary(self)
-        return tuple.__repr__(self) if rows is None else D.text("LyapunovResult", rows)
-
-    def _repr_html_(self) -> str | None:
-        from . import _display as D
-
-        rows = D.summary(self)
-        return None if rows is None else D.table(
-            "meanfield.LyapunovResult", rows, "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
+        return Summary("LyapunovResult", rows,
+                       "exponents in 1/depth; convergence: result.running (per interval) and result.drift")
 
 
 def _check_inputs(where, t0, t1, interval, discard) -> None:
@@ -213,17 +209,22 @@ def lyapunov_spectrum(
     return LyapunovResult(running[-1], running, edges[1:], _drift(running), jnp.all(oks), unravel(y1))
 
 
-def particle_lyapunov(model, X0, t1: float, k: int, **kwargs) -> LyapunovResult:
+def particle_lyapunov(model, X0, t1: float, k: int, *, attention: AbstractAttention = Auto(),
+                      **kwargs) -> LyapunovResult:
     r"""Leading exponents of the token flow $\dot X = F(t, X)$, `model` as in `simulate_particles`.
 
     In $\mathbb{R}^d$ the state has n d dimensions. With `norm="sphere"` the exponents are those of the
     flow on the product of spheres (n (d - 1) dimensions): tangents are projected row-wise with
     $P_{\hat x_i}$. Without that, the n radial directions would enter the spectrum: $|x_i|$ is
     conserved, so a tangent's radial part is too, and a random start pays $\log\sqrt d / T$ of bias
-    before it aligns with them."""
+    before it aligns with them.
+
+    `attention`: the evaluator, resolved from X0 as in `simulate_particles` (`LowRank` works: the
+    tangents are `jax.jvp` of the low-rank sum, its bound check and fallback included). Other
+    keyword arguments go to `lyapunov_spectrum`."""
     check_finite("particle_lyapunov", "X0", X0)
     check_model_finite("particle_lyapunov", model)
-    impl = kwargs.pop("attention_impl", "auto")
+    attention = resolve_attention(attention, model, X0)
     kwargs.setdefault("jump_ts", model.layer_times)
     if model.norm == "sphere":
         n, d = X0.shape
@@ -234,7 +235,7 @@ def particle_lyapunov(model, X0, t1: float, k: int, **kwargs) -> LyapunovResult:
             return (W - jnp.sum(Yh * W, axis=-1, keepdims=True) * Yh).reshape(-1)
 
         kwargs.setdefault("project", project)
-    return lyapunov_spectrum(lambda t, X: particle_field(t, X, model, impl=impl), X0, t1, k, **kwargs)
+    return lyapunov_spectrum(lambda t, X: particle_field(t, X, model, attention=attention), X0, t1, k, **kwargs)
 
 
 def _vech_index(d):

@@ -71,9 +71,48 @@ def test_sphere_projection_is_tangent(key):
     np.testing.assert_allclose(jnp.sum(F * X, -1), 0.0, atol=1e-5)
 
 
-def test_bad_impl(key):
-    with pytest.raises(ValueError, match="impl"):
-        mf.attention(mf.Model.random(key, 2), jnp.ones((3, 2)), impl="flash")
+def test_bad_evaluator(key):
+    with pytest.raises(ValueError, match="evaluator"):
+        mf.attention(mf.Model.random(key, 2), jnp.ones((3, 2)), "flash")
+    with pytest.raises(ValueError, match="block_size"):
+        mf.Blocked(block_size=0)
+    with pytest.raises(ValueError, match="orders"):
+        mf.LowRank(orders=(0, 3))
+
+
+@pytest.mark.parametrize("attention, causal", VARIANTS)
+def test_every_evaluator_agrees_with_dense(x64, key, attention, causal):
+    """Blocked, LowRank (fixed orders, tight bound) and an unresolved Auto give Dense's numbers to float
+    rounding; LowRank on shaped attention is its fallback."""
+    k1, k2 = jax.random.split(key)
+    model = mf.Model.random(k1, 3, attention=attention, causal=causal, beta=0.5, dtype=jnp.float64)
+    X = 0.5 * jax.random.normal(k2, (300, 3), jnp.float64)
+    dense = mf.attention(model, X, mf.Dense())
+    scale = float(jnp.max(jnp.abs(dense)))
+    lowrank = mf.LowRank(orders=(16, 16, 16), rtol=1e-10, fallback=mf.Dense())
+    for evaluator in (mf.Blocked(block_size=64), mf.Auto(), None, lowrank):
+        out = jax.jit(lambda X, e=evaluator: mf.attention(model, X, e))(X)
+        np.testing.assert_allclose(out, dense, rtol=1e-10, atol=1e-10 * scale, err_msg=repr(evaluator))
+    if attention != "shaped":
+        _, info = mf.lowrank_attention(model, X, orders=lowrank.orders, rtol=lowrank.rtol, fallback=mf.Dense(),
+                                       return_info=True)
+        assert not bool(info.fallback)  # the low-rank sum itself was checked, not its fallback
+
+
+def test_evaluators_are_equal_and_hashable():
+    """Frozen value objects: equal when their settings are, usable as static jit arguments."""
+    assert mf.Dense() == mf.Dense() and hash(mf.Dense()) == hash(mf.Dense())
+    assert mf.Blocked() == mf.Blocked(1024) and mf.Blocked(512) != mf.Blocked(1024)
+    assert mf.LowRank([3, 4], 1e-6) == mf.LowRank((3, 4), 1e-6)
+    assert hash(mf.LowRank((3, 4), 1e-6)) == hash(mf.LowRank([3, 4], 1e-6))
+    assert mf.LowRank((3, 4), fallback=mf.Dense()) != mf.LowRank((3, 4))
+    assert mf.Auto() == mf.Auto(None) and mf.Auto(1e-4) != mf.Auto() and mf.Dense() != mf.Blocked()
+    assert len({mf.Dense(), mf.Dense(), mf.Blocked(), mf.Auto(), mf.LowRank((2, 2))}) == 4
+    with pytest.raises(Exception):
+        mf.Blocked().block_size = 3  # frozen
+    g = jax.jit(lambda X, e: mf.attention(mf.Model.random(jax.random.key(0), 2), X, e), static_argnums=1)
+    X = jnp.ones((5, 2))
+    np.testing.assert_allclose(g(X, mf.Blocked(2)), g(X, mf.Dense()), rtol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "unnormalised"])

@@ -189,7 +189,7 @@ def test_batched_calls_refuse_what_they_cannot_do(key):
     with pytest.raises(ValueError, match="dense=True"):
         mf.simulate_particles(model, X0, 1.0, dense=True)
     with pytest.raises(ValueError, match="low-rank"):
-        mf.simulate_particles(model, X0, 1.0, attention_method="lowrank")
+        mf.simulate_particles(model, X0, 1.0, attention=mf.LowRank())
     lin = _stack([_linear(np.eye(2), "float32")] * 2)
     with pytest.raises(ValueError, match="disagree"):
         mf.simulate_gaussian(lin, np.zeros((3, 2)), np.eye(2), 1.0)

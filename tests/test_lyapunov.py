@@ -77,3 +77,20 @@ def test_lyapunov_through_a_sweep_matches_direct_call(tmp_path):
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match="k: must be between 1 and the state dimension 3"):
         lyapunov_spectrum(lambda t, y: y, jnp.ones(3), 1.0, 4)
+
+
+def test_lowrank_attention_gives_the_dense_exponents(x64, key):
+    """Lyapunov exponents through the low-rank attention (jax.jvp of the Chebyshev sum, its bound check
+    and fallback included) equal those through the dense sum: 64 tokens on S^2, orders forced."""
+    I = jnp.eye(3)
+    model = mf.Model(attention="softmax", Q=I, K=I, V=I, beta=1.0, mlp="none", norm="sphere", dtype=jnp.float64)
+    X0 = mf.sphere_uniform(jax.random.fold_in(key, 1), 64, 3, dtype=jnp.float64)
+    lowrank = mf.LowRank(orders=(14, 14, 14), rtol=1e-3, fallback=mf.Dense())
+    _, info = mf.lowrank_attention(model, X0, orders=lowrank.orders, rtol=lowrank.rtol, fallback=mf.Dense(),
+                                   return_info=True)
+    assert not bool(info.fallback) and float(info.bound) < 1e-12  # the low-rank sum itself is differentiated
+    kw = dict(interval=0.5, solver="rk4", dt0=0.1, key=key)
+    fast = particle_lyapunov(model, X0, 2.0, 4, attention=lowrank, **kw)
+    dense = particle_lyapunov(model, X0, 2.0, 4, attention=mf.Dense(), **kw)
+    assert bool(fast.finite) and bool(dense.finite)
+    np.testing.assert_allclose(np.asarray(fast.exponents), np.asarray(dense.exponents), rtol=1e-8, atol=1e-10)

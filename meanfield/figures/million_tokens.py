@@ -3,7 +3,7 @@ r"""A million tokens clustering on the sphere S^2, through the fast low-rank att
 $\dot x_i = P_{x_i}\big(\sum_j \mathrm{softmax}_j(\beta\langle x_i, x_j\rangle)\, x_j\big)$ on $S^2$
 (Q = K = V = I, `norm="sphere"`), $n = 10^6$ tokens i.i.d. uniform, integrated to depth t = 20 with
 fixed-step RK4. Each field evaluation uses `lowrank_attention` (separable Chebyshev features,
-O(n F) instead of O(n^2)) with orders chosen by `simulate_particles(attention_method="lowrank")` for
+O(n F) instead of O(n^2)) with orders chosen by `simulate_particles(attention=LowRank(rtol=RTOL))` for
 the a priori bound `RTOL`; the direct sum would take hours per evaluation at this n on 2 cores.
 Panels: token density on the sphere (Mollweide projection of a lat/lon histogram, per unit solid
 angle, log scale) at several depths, titled with the order parameter |mean token| (0 uniform, 1
@@ -47,7 +47,7 @@ def _histogram(X, n_lon=72, n_lat=36):
 def experiment(*, n: int, t1: float, dt: float, save_times, n_check: int, n_cluster: int):
     import meanfield as mf
     from meanfield.metrics import cluster_count
-    from meanfield.model.fast_attention import choose_orders, lowrank_attention
+    from meanfield.model.lowrank import choose_orders, lowrank_attention
 
     I = np.eye(3)
     model = mf.Model(Q=I, K=I, V=I, beta=BETA, norm="sphere", dtype=DTYPE)
@@ -55,13 +55,14 @@ def experiment(*, n: int, t1: float, dt: float, save_times, n_check: int, n_clus
 
     # Key check: fast vs direct attention at the initial state, on a query subsample.
     orders = choose_orders(model, X0, rtol=RTOL)
-    fast, info = jax.jit(lambda X: lowrank_attention(model, X, orders=orders, rtol=RTOL, return_info=True))(X0)
+    fast, info = jax.jit(lambda X: lowrank_attention(model, X, orders=orders, rtol=RTOL, fallback=mf.Blocked(),
+                                                     return_info=True))(X0)
     ref = jax.jit(lambda Xq, X: attention_rows(model, Xq, X, block_size=8192))(X0[:n_check], X0)
     check = float(jnp.max(jnp.abs(fast[:n_check] - ref))) / float(jnp.max(jnp.abs(X0)))
 
     t0 = time.perf_counter()
     sol = mf.simulate_particles(model, X0, t1, ts=jnp.asarray(save_times, DTYPE), solver="rk4", dt0=dt,
-                                attention_method="lowrank", attention_rtol=RTOL)
+                                attention=mf.LowRank(rtol=RTOL))
     xs = np.asarray(jax.block_until_ready(sol.xs))
     seconds = time.perf_counter() - t0
     sub = np.random.default_rng(0).choice(n, size=min(n_cluster, n), replace=False)

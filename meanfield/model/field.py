@@ -21,11 +21,13 @@ and $\dot m = c + M m$, $\dot S = M S + S M^\top$.
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 
 from .._linalg import matmul
 from .._types import Mean, Cov, Tokens
-from .attention import attention
+from .attention import AbstractAttention
+from .attention import attention as evaluate_attention
 from .mlp import mlp
 
 
@@ -34,26 +36,26 @@ def sphere_project(X: Tokens, V: Tokens) -> Tokens:
     return V - jnp.sum(X * V, axis=-1, keepdims=True) * X
 
 
-def token_velocity(model, X: Tokens, *, impl: str = "auto", block_size: int = 1024, orders=None,
-                   rtol: float | None = None) -> Tokens:
+def token_velocity(model, X: Tokens, *, attention: AbstractAttention | None = None) -> Tokens:
     """$F(X)_i = a_attn Attn(x_i; X) + a_mlp MLP(x_i)$, sphere-projected if `norm='sphere'`.
 
-    `model` must be depth-constant (use `model.at(t)` for a piecewise one). `orders`, `rtol`:
-    fast low-rank attention (see `attention`).
+    `model` must be depth-constant (use `model.at(t)` for a piecewise one). `attention`: the
+    evaluator (`Dense()`, `Blocked(...)`, `LowRank(...)`; None: dense up to 4096 tokens, else
+    blocked; see `meanfield.model.attention.attention`).
     """
+    chex.assert_shape(X, (None, model.d))  # static: checked once per trace, free at run time
     if model.norm == "sphere":
         X = X / jnp.linalg.norm(X, axis=-1, keepdims=True)
-    attn = attention(model, X, impl=impl, block_size=block_size, orders=orders, rtol=rtol)
+    attn = evaluate_attention(model, X, attention)
     v = model.a_attn * attn + model.a_mlp * mlp(model, X)
     if model.norm == "sphere":
         v = sphere_project(X, v)
     return v
 
 
-def particle_field(t, X: Tokens, model, *, impl: str = "auto", block_size: int = 1024, orders=None,
-                   rtol: float | None = None) -> Tokens:
+def particle_field(t, X: Tokens, model, *, attention: AbstractAttention | None = None) -> Tokens:
     """$F(t, X)$, the token ODE's right-hand side at depth t: `token_velocity(model.at(t), X)`; returns (n, d)."""
-    return token_velocity(model.at(t), X, impl=impl, block_size=block_size, orders=orders, rtol=rtol)
+    return token_velocity(model.at(t), X, attention=attention)
 
 
 def gaussian_closure_error(model) -> str | None:
@@ -77,6 +79,7 @@ def gaussian_closure_error(model) -> str | None:
 
 def moment_matrices(model, m: Mean, S: Cov) -> tuple[Cov, Mean]:
     r"""$(M, c)$ of the affine field $F(x) = c + Mx$ for $N(m, S)$ (depth-constant model)."""
+    chex.assert_shape([m, S], [(model.d,), (model.d, model.d)])
     d = m.shape[-1]
     M = jnp.zeros((d, d), m.dtype)
     c = jnp.zeros((d,), m.dtype)

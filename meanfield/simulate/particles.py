@@ -16,15 +16,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._display import Summarised, Summary
 from .._types import Tokens
-from ..model.fast_attention import default_rtol, plan_attention
+from ..model.attention import AbstractAttention, LowRank, direct_evaluator
 from ..model.field import particle_field
+from .attention_policy import Auto, resolve_attention
 from .core import Trajectory, solve, solve_ensemble
 from .checks import check_finite, check_model_finite, check_number, check_solver_options, check_span
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
-class ParticleSolution(eqx.Module):
+class ParticleSolution(Summarised, eqx.Module):
     """Result of `simulate_particles`.
 
     Attributes:
@@ -62,8 +64,8 @@ class ParticleSolution(eqx.Module):
         """State (or saved observables) at the last save time."""
         return jax.tree.map(lambda x: x[-1], self.xs)
 
-    def _summary(self) -> list[tuple[str, str]]:
-        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+    def _summary(self) -> Summary:
+        """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
         from .. import _display as D
 
         if isinstance(self.xs, jax.Array) and self.xs.ndim >= 3:
@@ -76,20 +78,8 @@ class ParticleSolution(eqx.Module):
             rows = [("ts", D.span(self.ts)), ("xs", str(shapes))]
         rows += [("success", D.flag(self.success)), ("blown_up", D.flag(self.blown_up)),
                  ("t_end", D.num(self.t_end)), ("num_steps", D.num(self.num_steps))]
-        return rows
-
-    def __repr__(self) -> str:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return eqx.Module.__repr__(self) if rows is None else D.text("ParticleSolution", rows)
-
-    def _repr_html_(self) -> str | None:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return None if rows is None else D.table(
-            "meanfield.ParticleSolution", rows, "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
+        return Summary("ParticleSolution", rows,
+                       "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
 
 
 def simulate_particles(
@@ -105,11 +95,7 @@ def simulate_particles(
     rtol: float | None = None,
     atol: float | None = None,
     max_steps: int = 100_000,
-    attention_impl: str = "auto",
-    block_size: int = 1024,
-    attention_method: str = "auto",
-    attention_rtol: float | None = None,
-    attention_orders: tuple[int, ...] | None = None,
+    attention: AbstractAttention = Auto(),
     save_fn: Callable[[Tokens], Any] | None = None,
     dense: bool = False,
     progress: bool = False,
@@ -131,24 +117,19 @@ def simulate_particles(
         solver: `"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"` (adaptive, `rtol`/`atol`; default
             3e-6/3e-8 in float32, measured above its rounding floor, 1e-9/1e-11 in float64), `"rk4"`, `"euler"`, `"heun"`,
             `"midpoint"` (fixed step `dt0`), or any diffrax solver.
-        attention_impl: `"dense"`, `"blocked"` (online softmax, O(n) memory) or `"auto"`
-            (dense up to 4096 tokens). `block_size`: tokens per block.
-        attention_method: `"direct"` (the sum over all pairs, `attention_impl`), `"lowrank"`
-            (separable Chebyshev features, O(n F), `mf.lowrank_attention`; softmax and
-            unnormalised attention, causal or not, rank(Q^T K) small) or `"auto"` (low-rank only
-            when its a priori error bound meets `attention_rtol` and its cost model beats the
-            direct sum: in practice n >= 2048 tokens with d or rank(Q^T K) <= 4). The orders are
-            chosen here from `X0` (concrete values; under an outer jit/vmap "auto" is direct);
-            every field evaluation rechecks the bound on the current tokens and falls back to the
-            direct sum where it fails. Shaped attention is always direct. Batched calls use the
-            direct sum ("auto" resolves to it; "lowrank" is refused: its fallback would run in
-            every lane).
-        attention_rtol: error bound for the low-rank path, relative to max_j |V x_j| (softmax);
-            default 1e-6 in float32, 1e-12 in float64.
-        attention_orders: static Chebyshev orders (one per coordinate, e.g. from
-            `mf.choose_orders` on representative tokens) for the low-rank path, skipping the
-            planning from `X0`: works under an outer jit (how the sweep engine uses it); the bound
-            is still rechecked at every evaluation, with the direct-sum fallback.
+        attention: the attention evaluator: `Auto(rtol)` (default: the low-rank sum when its a
+            priori error bound meets `rtol` and its cost model beats the direct sum, in practice
+            n >= 2048 tokens with d or rank(Q^T K) <= 4; else the direct sum, dense up to 4096
+            tokens, blocked above), `Dense()`, `Blocked(block_size)` (online softmax, O(n) memory)
+            or `LowRank(orders, rtol, fallback=Blocked())` (separable Chebyshev features, O(n F),
+            `mf.lowrank_attention`; softmax and unnormalised attention, causal or not). Resolved
+            once from `X0` (`meanfield.simulate.attention_policy.resolve_attention`): `Auto` and
+            `LowRank(orders=None)` plan their static orders here from concrete values (under an
+            outer jit/vmap `Auto` is the direct sum); given `orders` skip the planning and work
+            under an outer jit (how the sweep engine uses them). Every field evaluation of the
+            low-rank sum rechecks its bound on the current tokens and falls back where it fails.
+            Batched calls use the direct sum (`Auto` resolves to it; `LowRank` is refused: its
+            fallback would run in every lane).
         save_fn: if given, save `save_fn(X)` (any pytree of arrays) instead of the tokens.
         dense: also keep dense output, available through `.evaluate(t)` (single solves only).
         progress: show a progress bar (`tqdm.auto`: a widget in notebooks): over depth for one
@@ -193,23 +174,16 @@ def simulate_particles(
     if batched:
         if dense:
             raise ValueError("simulate_particles: `dense=True` needs a single solve (X0 of shape (n, d), one Model).")
-        if attention_method == "lowrank" or attention_orders is not None:
+        if isinstance(attention, LowRank):
             raise ValueError(
                 "simulate_particles: a batched call uses the direct attention sum; the low-rank path "
-                "(attention_method='lowrank' / attention_orders) runs one point at a time."
+                f"(attention={attention!r}) runs one point at a time."
             )
-        orders = None
-    elif attention_orders is not None:
-        orders = tuple(int(o) for o in attention_orders)
-        if len(orders) != model.d or min(orders) < 1 or model.attention not in ("softmax", "unnormalised"):
-            raise ValueError(
-                f"simulate_particles: `attention_orders` must hold d = {model.d} positive integers and needs "
-                f"softmax or unnormalised attention; got {attention_orders} with {model.attention!r}."
-            )
+        # The ensemble runs the direct sum (no low-rank planning per point).
+        attention = direct_evaluator(X0.shape[-2]) if isinstance(attention, Auto) else resolve_attention(
+            attention, model, X0)
     else:
-        orders = plan_attention(model, X0, method=attention_method, rtol=attention_rtol)
-    rtol_attn = None if orders is None else (
-        default_rtol(model.dtype) if attention_rtol is None else float(attention_rtol))
+        attention = resolve_attention(attention, model, X0)
     solver_obj, adaptive = make_solver(solver)
     ts = save_times(t0, t1, ts, n_save, model.dtype, where)
     controller = make_controller(
@@ -220,11 +194,11 @@ def simulate_particles(
     if batched:
         n_points = X0.shape[0] if X0.ndim == 3 else B
         with batch_progress(progress, n_points, "points") as tick:
-            return _solve_batch(model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention_impl,
-                                block_size, save_fn, blowup_growth, lanes, tick)
+            return _solve_batch(model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention,
+                                save_fn, blowup_growth, lanes, tick)
     return _solve(
-        model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention_impl, block_size, save_fn, dense,
-        progress, blowup_growth, orders, rtol_attn,
+        model, X0, t0_, t1_, ts, dt0_, solver_obj, controller, max_steps, attention, save_fn, dense,
+        progress, blowup_growth,
     )
 
 
@@ -276,10 +250,10 @@ def _finish(traj: Trajectory, ts, dense_solution=None) -> ParticleSolution:
 
 
 @eqx.filter_jit
-def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn, dense, progress,
-           blowup_growth, orders=None, rtol_attn=None):
+def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, attention, save_fn, dense, progress,
+           blowup_growth):
     def vector_field(t, X, args):
-        return particle_field(t, X, args["model"], impl=impl, block_size=block_size, orders=orders, rtol=rtol_attn)
+        return particle_field(t, X, args["model"], attention=attention)
 
     fn = None if save_fn is None else (lambda t, y, args: save_fn(y))
     traj = solve(vector_field, X0, {"model": model, "limit": _limit(X0, blowup_growth)}, t0=t0, t1=t1, ts=ts,
@@ -289,7 +263,7 @@ def _solve(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, bloc
 
 
 @eqx.filter_jit
-def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl, block_size, save_fn,
+def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, attention, save_fn,
                  blowup_growth, lanes, tick):
     shared = model.batch_size is None
     if X0.ndim == 2:
@@ -301,7 +275,7 @@ def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, impl
 
     def vector_field(t, X, a):
         m = model if shared else with_layer_times(a["model"], layer_times)
-        return particle_field(t, X, m, impl=impl, block_size=block_size)
+        return particle_field(t, X, m, attention=attention)
 
     fn = None if save_fn is None else (lambda t, y, args: save_fn(y))
     traj = solve_ensemble(vector_field, X0, args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,

@@ -1,4 +1,4 @@
-r"""Fast attention for low-dimensional tokens: separable Chebyshev features of the kernel.
+r"""Low-rank attention for low-dimensional tokens: separable Chebyshev features of the kernel.
 
 With logits $\ell_{ij} = x_i^\top B x_j$, $B = \beta Q^\top K = U \operatorname{diag}(s) W^\top$ (SVD),
 put $p_i = \operatorname{diag}(s)^{1/2} U^\top x_i$ and $q_j = \operatorname{diag}(s)^{1/2} W^\top x_j$, so
@@ -25,9 +25,9 @@ Error bound (derivation). Interpolating $g(\tau) = e^{\gamma\tau}$ at the $N$ ro
 $g(\tau) - p(\tau) = g^{(N)}(\xi)\,\omega(\tau)/N!$ with $|\omega| = |T_N|/2^{N-1} \le 2^{1-N}$ and
 $|g^{(N)}| \le |\gamma|^N e^{|\gamma|}$; after the shift ($f = e^{-|\gamma|} g \le 1$),
 
-$$ |f - \tilde f| \le \rho(|\gamma|, N) = 2\,(|\gamma|/2)^N / N!. $$
+$$ |f - \tilde f| \le \varepsilon_N(|\gamma|) = 2\,(|\gamma|/2)^N / N!. $$
 
-For the product of factors bounded by 1, $|\prod_k \tilde f_k - \prod_k f_k| \le \prod_k (1 + \rho_k) - 1
+For the product of factors bounded by 1, $|\prod_k \tilde f_k - \prod_k f_k| \le \prod_k (1 + \varepsilon_k) - 1
 =: \eta_i$, uniformly over the key box. So the shifted denominator $D_i = \sum_j e^{\ell_{ij} - m_i}$
 and numerator $N_i = \sum_j e^{\ell_{ij} - m_i} v_j$ over $n_i$ approximated keys carry errors at most
 $n_i\eta_i$ and $n_i\eta_i V_\infty$ ($V_\infty = \max_j \|v_j\|_\infty$). For softmax,
@@ -51,14 +51,15 @@ float32 fail large `beta` times radius: the kernel's dynamic range $1/J_i$ times
 Static orders under jit: the number of features is a shape, so the orders are chosen outside jit
 from concrete data (`choose_orders`, with a range margin for tokens that move) and passed as a
 static tuple; inside jit the a priori bound is recomputed from the current tokens at O(n r) cost,
-and `lax.cond` switches to the blocked direct sum when it exceeds `rtol` (under `vmap` the cond
+and `lax.cond` switches to a direct sum (the caller's `fallback`) when it exceeds `rtol` (under `vmap` the cond
 becomes a select and both branches run: correct, but no faster than the direct sum).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -122,19 +123,27 @@ def _geometry(model, X, causal):
     return p, q, c, b, jnp.maximum(expo, 0.0)
 
 
-def rho(gamma, order):
-    r"""$\rho(\gamma, N) = 2(\gamma/2)^N/N!$: sup error of the N-point Chebyshev interpolant of
-    $e^{\gamma(\tau-1)}$ on [-1, 1] (gamma >= 0; `order` may be an array)."""
-    gamma = jnp.asarray(gamma)
-    order = jnp.asarray(order, gamma.dtype)
-    logr = jnp.log(2.0) + order * jnp.log(jnp.maximum(gamma, 1e-300) / 2) - jax.lax.lgamma(order + 1.0)
-    return jnp.where(gamma > 0, jnp.exp(jnp.minimum(logr, 50.0)), 0.0)
+def chebyshev_error(gamma, order, xp=jnp):
+    r"""$\varepsilon_N(\gamma) = 2(\gamma/2)^N/N!$: sup error on [-1, 1] of the N-point Chebyshev
+    interpolant of $e^{\gamma(\tau-1)}$ (gamma >= 0; `order` may be an array).
+
+    The one truncation-error formula of this module: `xp=jnp` inside jit, `xp=np` (float64) for
+    the planner (`choose_orders`)."""
+    if xp is np:
+        order = np.asarray(order, np.float64)
+        lgamma = np.vectorize(math.lgamma, otypes=[np.float64])(order + 1.0)
+    else:
+        gamma = jnp.asarray(gamma)
+        order = jnp.asarray(order, gamma.dtype)
+        lgamma = jax.lax.lgamma(order + 1.0)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        logr = xp.log(2.0) + order * xp.log(xp.maximum(gamma, 1e-300) / 2) - lgamma
+        return xp.where(gamma > 0, xp.exp(xp.minimum(logr, 50.0)), 0.0)
 
 
-def _eta(p, b, orders):
-    """eta_i = prod_k (1 + rho(|p_ik| b_k, N_k)) - 1, per query."""
-    g = jnp.abs(p) * b
-    return jnp.expm1(jnp.sum(jnp.log1p(rho(g, orders)), axis=-1))
+def _eta(g, orders, xp=jnp):
+    """eta_i = prod_k (1 + eps_{N_k}(g_ik)) - 1, per query (g_ik = |p_ik| b_k)."""
+    return xp.expm1(xp.sum(xp.log1p(chebyshev_error(g, orders, xp)), axis=-1))
 
 
 def _unit_roundoff(dtype) -> float:
@@ -146,13 +155,16 @@ def _rounding_constant(orders) -> float:
     return 4.0 + 2.0 * sum(1 for o in orders if o > 1)
 
 
-def _prior_from_geometry(p, b, expo, orders, softmax, frac, rounding=None):
-    """Per-query a priori bound: (2 or 1) [eta / (J - eta) + u C / J], J = exp(-expo)."""
-    eta = _eta(p, b, jnp.asarray(orders, p.dtype)) * frac
-    J = jnp.exp(-expo)
-    bound = jnp.where(J > eta, eta / jnp.maximum(J - eta, jnp.finfo(p.dtype).tiny), jnp.inf)
-    if rounding is not None:
-        bound = bound + rounding / jnp.maximum(J, jnp.finfo(p.dtype).tiny)
+def _prior_bound(g, expo, frac, orders, softmax, rounding=None, xp=jnp):
+    """Per-query a priori bound (2 or 1) [eta / (J - eta) + rounding / J], J = exp(-expo),
+    eta scaled by the approximated fraction `frac` of the keys; `xp` as in `chebyshev_error`."""
+    tiny = 1e-300 if xp is np else jnp.finfo(g.dtype).tiny
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        eta = _eta(g, orders, xp) * frac
+        J = xp.exp(-expo)
+        bound = xp.where(J > eta, eta / xp.maximum(J - eta, tiny), xp.inf)
+        if rounding is not None:
+            bound = bound + rounding / xp.maximum(J, tiny)
     return (2.0 if softmax else 1.0) * bound
 
 
@@ -165,7 +177,7 @@ def _prev_fraction(n, chunk, dtype):
 
 def truncation_bound(model, X: Tokens, orders, *, chunk: int = 256) -> jax.Array:
     r"""Returns the a priori error bound (max over queries) of `lowrank_attention` with `orders` on tokens X:
-    $\max_i 2\eta_i/(J_i - \eta_i)$ plus a rounding term $u(4 + 2r)/J_i$ for softmax, $\eta_i = \prod_k(1 + \rho_{ik}) - 1$, $\rho = 2(\gamma/2)^N/N!$.
+    $\max_i 2\eta_i/(J_i - \eta_i)$ plus a rounding term $u(4 + 2r)/J_i$ for softmax, $\eta_i = \prod_k(1 + \varepsilon_{ik}) - 1$, $\varepsilon = 2(\gamma/2)^N/N!$ (`chebyshev_error`).
 
     Relative to `max_j |V x_j|_inf` for softmax, to the output scale for unnormalised attention
     (see the module docstring). jit-compatible; `orders` may be traced here.
@@ -174,21 +186,7 @@ def truncation_bound(model, X: Tokens, orders, *, chunk: int = 256) -> jax.Array
     p, q, c, b, expo = _geometry(model, X, model.causal)
     frac = _prev_fraction(X.shape[0], chunk, X.dtype) if model.causal else jnp.ones((X.shape[0],), X.dtype)
     rounding = _unit_roundoff(X.dtype) * _rounding_constant(orders) if not isinstance(orders, jax.Array) else None
-    return jnp.max(_prior_from_geometry(p, b, expo, orders, model.attention == "softmax", frac, rounding))
-
-
-def _np_prior_max(g, expo, frac, orders, softmax, u):
-    """NumPy float64 twin of the a priori bound (max over queries) for the planner."""
-    orders = np.asarray(orders, np.float64)
-    lg = np.array([math.lgamma(o + 1.0) for o in orders])
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        logr = np.log(2.0) + orders * np.log(np.maximum(g, 1e-300) / 2) - lg
-        r = np.where(g > 0, np.exp(np.minimum(logr, 50.0)), 0.0)
-        eta = np.expm1(np.sum(np.log1p(r), axis=-1)) * frac
-        J = np.exp(-expo)
-        bound = np.where(J > eta, eta / np.maximum(J - eta, 1e-300), np.inf)
-        bound = bound + u * _rounding_constant(orders) / np.maximum(J, 1e-300)
-    return (2.0 if softmax else 1.0) * float(np.max(bound))
+    return jnp.max(_prior_bound(jnp.abs(p) * b, expo, frac, orders, model.attention == "softmax", rounding))
 
 
 def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARGIN,
@@ -227,8 +225,8 @@ def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARG
 
     def bound(o, full=False):
         if full:
-            return _np_prior_max(g_all, expo_all, frac, o, softmax, u)
-        return _np_prior_max(g, ex, fr, o, softmax, u)
+            return float(np.max(_prior_bound(g_all, expo_all, frac, o, softmax, u * _rounding_constant(o), np)))
+        return float(np.max(_prior_bound(g, ex, fr, o, softmax, u * _rounding_constant(o), np)))
 
     def fits(o):
         return o.max() <= MAX_ORDER and np.prod(o) <= max_features
@@ -240,9 +238,7 @@ def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARG
     orders = np.full(d, MAX_ORDER + 1, dtype=np.int64)
     for k in range(d):
         for N in range(1, MAX_ORDER + 1):
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-                r = np.where(g[:, k] > 0, np.exp(np.minimum(
-                    math.log(2.0) + N * np.log(np.maximum(g[:, k], 1e-300) / 2) - math.lgamma(N + 1.0), 50.0)), 0.0)
+            r = chebyshev_error(g[:, k], N, np)
             with np.errstate(over="ignore", invalid="ignore"):
                 worst = np.max(w * r)
             if worst <= rtol / (2.0 * d):
@@ -264,8 +260,7 @@ def choose_orders(model, X: Tokens, *, rtol: float, margin: float = DEFAULT_MARG
         orders = best
     while n > _PLAN_QUERIES and not bound(orders, full=True) <= rtol:  # the sample missed a maximiser
         gmax = g_all.max(axis=0)
-        errs = [(gmax[k] / 2) ** orders[k] / math.gamma(orders[k] + 1.0) for k in range(d)]
-        orders = orders + np.eye(d, dtype=np.int64)[int(np.argmax(errs))]
+        orders = orders + np.eye(d, dtype=np.int64)[int(np.argmax(chebyshev_error(gmax, orders, np)))]
         if not fits(orders):
             return None
     return tuple(int(o) for o in orders)
@@ -434,16 +429,17 @@ def _lowrank_causal(p, q, tau, vals, c, b, orders, chunk):
     return S.reshape(nb * C, w)[:n]
 
 
-def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fallback: bool = True,
-                      chunk: int = 256, block_size: int = 1024, direct_impl: str = "blocked",
+def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None,
+                      fallback: Callable[[Any, Tokens], Tokens] | None = None, chunk: int = 256,
                       return_info: bool = False):
     r"""Softmax or unnormalised attention (causal or not) through separable Chebyshev features.
 
     $A_i = \sum_j w_{ij} V x_j$ as in `attention`, evaluated in O(n F) with $F = \prod_k N_k$
     (`orders`, a static tuple of length d, e.g. from `choose_orders`); error bounds in the module
-    docstring. With `rtol` and `fallback=True`, the a priori bound is computed first from the
-    current tokens (O(n d)) and, where it exceeds `rtol`, `lax.cond` evaluates the blocked
-    direct sum instead. jit- and vmap-compatible (orders static).
+    docstring. With `rtol` and a `fallback`, the a priori bound is computed first from the
+    current tokens (O(n d)) and, where it exceeds `rtol`, `lax.cond` evaluates `fallback(model, X)`
+    (the direct sum, e.g. `meanfield.Blocked()`) instead. jit- and vmap-compatible (orders static).
+    The evaluator `meanfield.LowRank(orders, rtol, fallback)` calls this.
 
     Arguments:
         model: depth-constant `Model` with attention "softmax" or "unnormalised".
@@ -451,14 +447,13 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
         orders: Chebyshev points per SVD coordinate (1 drops the coordinate: kernel factor
             replaced by its value at the box centre, error included in the bound).
         rtol: bound to meet (None: no fallback). `chunk`: causal chunk length (direct inside).
-        block_size, direct_impl: block size and `impl` ("blocked" or "dense") of the fallback.
+        fallback: `fallback(model, X) -> (n, d)`, the direct evaluation used where the bound exceeds
+            `rtol` (None: always the low-rank sum; `LowRankInfo.bound` says how good it is).
         return_info: also return a `LowRankInfo`.
 
     Returns:
         (n, d) attention output, and `LowRankInfo` if `return_info`.
     """
-    from .attention import blocked_attention, dense_attention
-
     if model.attention not in ("softmax", "unnormalised"):
         raise ValueError(
             f"lowrank_attention: `model.attention` must be 'softmax' or 'unnormalised'; got {model.attention!r}."
@@ -471,7 +466,7 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
     p, q, c, b, expo = _geometry(model, X, model.causal)
     frac = _prev_fraction(n, min(chunk, n), X.dtype) if model.causal else jnp.ones((n,), X.dtype)
     u = _unit_roundoff(X.dtype)
-    prior = _prior_from_geometry(p, b, expo, orders, softmax, frac, u * _rounding_constant(orders))
+    prior = _prior_bound(jnp.abs(p) * b, expo, frac, orders, softmax, u * _rounding_constant(orders))
     bound = jnp.max(prior)
     v = X @ model.V.T
     vals = jnp.concatenate([v, jnp.ones((n, 1), X.dtype)], axis=1)
@@ -480,12 +475,12 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
     def fast(_):
         if model.causal:
             S = _lowrank_causal(p, q, tau, vals, c, b, orders, chunk)
-            n_i = jnp.floor(jnp.arange(n) / min(chunk, n)) * min(chunk, n)
+            n_i = jnp.floor(jnp.arange(n, dtype=X.dtype) / min(chunk, n)) * min(chunk, n)
         else:
             S = _lowrank_full(p, tau, vals, b, orders)
             n_i = jnp.full((n,), n, X.dtype)
         num, den = S[:, :d], S[:, d]
-        eta = _eta(p, b, jnp.asarray(orders, X.dtype))
+        eta = _eta(jnp.abs(p) * b, orders)
         n_all = jnp.arange(1, n + 1, dtype=X.dtype) if model.causal else n_i
         post = (2.0 if softmax else 1.0) * (n_i * eta + u * _rounding_constant(orders) * n_all) \
             / jnp.maximum(den, jnp.finfo(X.dtype).tiny)
@@ -497,13 +492,9 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
         return out, jnp.max(post), jnp.asarray(False)
 
     def direct(_):
-        if direct_impl == "dense":
-            out = dense_attention(model, X)
-        else:
-            out = blocked_attention(model, X, block_size=block_size)
-        return out, jnp.asarray(0.0, X.dtype), jnp.asarray(True)
+        return fallback(model, X), jnp.asarray(0.0, X.dtype), jnp.asarray(True)
 
-    if rtol is not None and fallback:
+    if rtol is not None and fallback is not None:
         out, post, fell = jax.lax.cond(bound <= rtol, fast, direct, None)
     else:
         out, post, fell = fast(None)
@@ -511,74 +502,3 @@ def lowrank_attention(model, X: Tokens, *, orders, rtol: float | None = None, fa
         F = int(np.prod(orders))
         return out, LowRankInfo(bound=bound, bound_post=post, fallback=fell, features=F)
     return out
-
-
-METHODS = ("auto", "direct", "lowrank")
-
-AUTO_MIN_TOKENS = 2048
-"""`attention_method="auto"` never uses the low-rank path below this many tokens."""
-
-SIMULATE_MARGIN = 1.1
-"""Planning margin used by `plan_attention` (tokens move during a solve; see `choose_orders`)."""
-
-
-def default_rtol(dtype) -> float:
-    """Default attention tolerance: 1e-6 in float32, 1e-12 in float64 (near the solver's own)."""
-    return 1e-12 if jnp.dtype(dtype) == jnp.float64 else 1e-6
-
-
-def lowrank_is_faster(n: int, d: int, orders) -> bool:
-    """Cost model: low-rank ~ n (8F(d+1) + 40 sum N_k) flops against direct ~ n^2 (2 d + 25)
-    (an exponential counted as ~20 flops), with a safety factor 4 for the direct sum's better
-    constant (large fused matmuls)."""
-    F = int(np.prod(orders))
-    lowrank = n * (8.0 * F * (d + 1) + 40.0 * sum(orders))
-    direct = float(n) * n * (2.0 * d + 25.0)
-    return n >= AUTO_MIN_TOKENS and 4.0 * lowrank < direct
-
-
-def plan_attention(model, X0: Tokens, *, method: str = "auto", rtol: float | None = None,
-                   margin: float = SIMULATE_MARGIN):
-    """Static Chebyshev orders for a solve starting at X0, or None for the direct sum.
-
-    `method`: "direct" (always None), "lowrank" (orders whenever the bound can be met, else None
-    with a warning), "auto" (orders only when, in addition, `lowrank_is_faster`). Piecewise
-    models get the elementwise maximum of the layers' orders. Traced inputs (a vmapped or
-    jitted caller) cannot be planned: "auto" then means direct and "lowrank" raises.
-    """
-    if method not in METHODS:
-        raise ValueError(f"`attention_method` must be one of {list(METHODS)}; got {method!r}.")
-    if method == "direct" or model.attention not in ("softmax", "unnormalised"):
-        return None
-    leaves = [X0] + [a for a in jax.tree.leaves(model)]
-    if any(isinstance(a, jax.core.Tracer) for a in leaves):
-        if method == "lowrank":
-            raise ValueError(
-                "attention_method='lowrank' needs concrete `model` and `X0` to choose its static orders; "
-                "got traced values (call simulate_particles outside jit/vmap, or use 'auto'/'direct')."
-            )
-        return None
-    rtol = default_rtol(model.dtype) if rtol is None else float(rtol)
-    X = jnp.asarray(X0, model.dtype)
-    if model.norm == "sphere":
-        X = X / jnp.linalg.norm(X, axis=-1, keepdims=True)
-    orders = None
-    for layer in range(model.n_layers):
-        o = choose_orders(model.layer(layer) if model.n_layers > 1 else model, X, rtol=rtol, margin=margin)
-        if o is None:
-            orders = None
-            break
-        orders = o if orders is None else tuple(max(a, b) for a, b in zip(orders, o))
-    if orders is None:
-        if method == "lowrank":
-            import warnings
-
-            warnings.warn(
-                f"attention_method='lowrank': the a priori bound cannot meet rtol={rtol:g} within "
-                f"{MAX_FEATURES} features (beta times the token radius too large); using the direct sum.",
-                stacklevel=3,
-            )
-        return None
-    if method == "auto" and not lowrank_is_faster(X.shape[0], X.shape[1], orders):
-        return None
-    return orders

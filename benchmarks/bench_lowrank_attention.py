@@ -1,14 +1,14 @@
-"""Fast (low-rank Chebyshev) attention against the blocked direct sum and the exp-throughput floor.
+"""Low-rank (Chebyshev) attention against the blocked direct sum and the exp-throughput floor.
 
-    python benchmarks/bench_fast_attention.py            # n = 1e5 and 1e6, beta in {1, 4, 9}
-    python benchmarks/bench_fast_attention.py --quick    # n = 1e5 only
+    python benchmarks/bench_lowrank_attention.py            # n = 1e5 and 1e6, beta in {1, 4, 9}
+    python benchmarks/bench_lowrank_attention.py --quick    # n = 1e5 only
 
 float64, d = 3, tokens uniform on S^2, softmax attention with random Q, K scaled so that
 ||Q^T K||_2 = 1 (beta is then the largest logit) and random V; tolerance 1e-6 relative to
 max_j |V x_j|. Every time is a median over interleaved rounds in this one process:
 
-- lowrank: one jitted `lowrank_attention` call (orders from `choose_orders`; the in-jit bound
-  check and `lax.cond` fallback included). Planning time is printed separately.
+- lowrank: one jitted `lowrank_attention` call (`meanfield.model.lowrank`; orders from `choose_orders`;
+  the in-jit bound check and `lax.cond` fallback to `mf.Blocked()` included). Planning time is printed separately.
 - direct: the blocked online-softmax direct sum (`blocked_attention`'s recurrence) for a subset of
   m queries against all n keys, scaled by n / m (the direct sum is linear in the queries).
 - floor: n^2 exponentials at the float64 `jnp.exp` throughput measured here (`sum(exp(x))` over
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import meanfield as mf  # noqa: E402
 from meanfield.model.attention import attention_rows  # noqa: E402
-from meanfield.model.fast_attention import choose_orders, lowrank_attention  # noqa: E402
+from meanfield.model.lowrank import choose_orders, lowrank_attention  # noqa: E402
 
 
 def timed(fn, *args):
@@ -75,7 +75,7 @@ def main():
                 print(f"n={n} beta={beta}: bound cannot be met -> direct sum")
                 continue
             fast = jax.jit(lambda X, model=model, orders=orders: lowrank_attention(
-                model, X, orders=orders, rtol=rtol, return_info=True))
+                model, X, orders=orders, rtol=rtol, fallback=mf.Blocked(), return_info=True))
             direct = jax.jit(lambda Xq, X, model=model: attention_rows(model, Xq, X, block_size=4096))
             out, info = fast(X)
             ref = direct(Xq, X)

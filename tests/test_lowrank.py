@@ -1,5 +1,6 @@
 """Low-rank (separable Chebyshev) attention against the direct sum, and its a priori error bound."""
 
+import math
 import warnings
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 import meanfield as mf
-from meanfield.model.fast_attention import choose_orders, lowrank_attention, plan_attention, truncation_bound
+from meanfield.model.lowrank import chebyshev_error, choose_orders, lowrank_attention, truncation_bound
+from meanfield.simulate.attention_policy import resolve_attention
 
 N = 4096
 
@@ -43,7 +45,7 @@ def _reference(model, X):
 def _check(model, X, rtol, rounding):
     orders = choose_orders(model, X, rtol=rtol)
     assert orders is not None
-    out, info = lowrank_attention(model, X, orders=orders, rtol=rtol, return_info=True)
+    out, info = lowrank_attention(model, X, orders=orders, rtol=rtol, fallback=mf.Blocked(), return_info=True)
     ref, scale = _reference(model, X)
     err = float(np.max(np.abs(np.asarray(out, np.float64) - ref) / scale))
     bound = float(info.bound)
@@ -110,10 +112,22 @@ def test_causal_equals_direct_causal(x64, key):
     model = _model(k1, 3, 2.0, causal=True, norm="sphere", dtype=jnp.float64)
     X = _tokens(k2, 3, "sphere", jnp.float64)
     orders = choose_orders(model, X, rtol=1e-9)
-    out = lowrank_attention(model, X, orders=orders, rtol=1e-9, chunk=128)
+    out = lowrank_attention(model, X, orders=orders, rtol=1e-9, fallback=mf.Blocked(), chunk=128)
     direct = mf.blocked_attention(model, X)
     np.testing.assert_allclose(out, direct, atol=1e-9 * float(jnp.max(jnp.abs(X @ model.V.T))))
     np.testing.assert_allclose(out[0], X[0] @ model.V.T, atol=1e-12)
+
+
+def test_causal_float32_model_under_x64(x64, key):
+    """A float32 causal model with x64 enabled stays float32 (the causal key counts were int64-derived
+    float64, and `lax.cond`'s branches then disagreed in dtype)."""
+    k1, k2 = jax.random.split(key)
+    model = _model(k1, 3, 2.0, causal=True, norm="sphere", dtype=jnp.float32)
+    X = _tokens(k2, 3, "sphere", jnp.float32)
+    orders = choose_orders(model, X, rtol=1e-3)
+    out = lowrank_attention(model, X, orders=orders, rtol=1e-3, fallback=mf.Blocked(), chunk=128)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, mf.blocked_attention(model, X), atol=1e-3 * float(jnp.max(jnp.abs(X @ model.V.T))))
 
 
 def test_fallback_where_bound_fails(x64, key):
@@ -124,14 +138,15 @@ def test_fallback_where_bound_fails(x64, key):
     assert choose_orders(model, X, rtol=1e-6) is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert plan_attention(model, X, method="lowrank", rtol=1e-6) is None
+        assert resolve_attention(mf.LowRank(rtol=1e-6), model, X) == mf.Blocked()  # its fallback
     small = mf.sphere_uniform(k2, 512, 3, dtype=jnp.float64)
     orders = (3, 3, 3)
     assert float(truncation_bound(model, small, orders)) > 1e-6
-    out, info = jax.jit(lambda X: lowrank_attention(model, X, orders=orders, rtol=1e-6, return_info=True))(small)
+    out, info = jax.jit(lambda X: lowrank_attention(model, X, orders=orders, rtol=1e-6, fallback=mf.Blocked(),
+                                                       return_info=True))(small)
     assert bool(info.fallback)
     np.testing.assert_allclose(out, mf.blocked_attention(model, small), rtol=1e-12, atol=1e-12)
-    assert plan_attention(model.replace(beta=0.5), small, method="auto") is None  # too few tokens to pay
+    assert resolve_attention(mf.Auto(), model.replace(beta=0.5), small) == mf.Dense()  # too few tokens to pay
 
 
 def test_jit_and_vmap(key):
@@ -140,7 +155,7 @@ def test_jit_and_vmap(key):
     model = _model(k1, 3, 1.0, norm="sphere")
     Xs = jnp.stack([mf.sphere_uniform(k, 256, 3) for k in jax.random.split(k2, 2)])
     orders = choose_orders(model, Xs.reshape(-1, 3), rtol=1e-5)
-    batched = jax.jit(jax.vmap(lambda X: lowrank_attention(model, X, orders=orders, rtol=1e-5)))(Xs)
+    batched = jax.jit(jax.vmap(lambda X: lowrank_attention(model, X, orders=orders, rtol=1e-5, fallback=mf.Blocked())))(Xs)
     for i in range(2):
         np.testing.assert_allclose(batched[i], lowrank_attention(model, Xs[i], orders=orders), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(batched[i], mf.dense_attention(model, Xs[i]), atol=3e-5)
@@ -152,8 +167,34 @@ def test_simulate_particles_lowrank_equals_direct(x64, key):
     model = mf.Model(Q=I, K=I, V=I, beta=2.0, norm="sphere", dtype=jnp.float64)
     X0 = mf.sphere_uniform(key, 300, 3, dtype=jnp.float64)
     kw = dict(solver="rk4", dt0=0.125, n_save=3)
-    fast = mf.simulate_particles(model, X0, 1.0, attention_method="lowrank", attention_rtol=1e-9, **kw)
-    direct = mf.simulate_particles(model, X0, 1.0, attention_method="direct", **kw)
+    fast = mf.simulate_particles(model, X0, 1.0, attention=mf.LowRank(rtol=1e-9), **kw)
+    direct = mf.simulate_particles(model, X0, 1.0, attention=mf.Dense(), **kw)
     err = float(jnp.max(jnp.abs(fast.xs - direct.xs)))
     assert err < 1e-8, err
     assert float(jnp.max(jnp.abs(fast.xs - X0))) > 0.05  # the tokens did move
+
+
+def test_chebyshev_error_one_formula(x64):
+    """The interpolation error 2 (gamma/2)^N / N!, the same in jnp and in the planner's NumPy."""
+    gamma = np.array([0.0, 0.3, 1.0, 4.0])
+    for N in (1, 3, 8):
+        expect = np.where(gamma > 0, 2 * (gamma / 2) ** N / math.factorial(N), 0.0)
+        np.testing.assert_allclose(chebyshev_error(gamma, N, np), expect, rtol=1e-13)
+        np.testing.assert_allclose(chebyshev_error(jnp.asarray(gamma), N), expect, rtol=1e-13)
+
+
+def test_resolve_lowrank(key):
+    """Given orders keep, a missing rtol becomes the default; LowRank(orders=None) called unresolved, or
+    with orders of the wrong length, is refused; Auto plans low-rank at 4096 tokens on S^2."""
+    I = jnp.eye(3)
+    model = mf.Model(Q=I, K=I, V=I, beta=1.0, norm="sphere")
+    X = mf.sphere_uniform(key, N, 3)
+    assert resolve_attention(mf.LowRank((4, 4, 4)), model, X) == mf.LowRank((4, 4, 4), rtol=1e-6)
+    with pytest.raises(ValueError, match="d = 3"):
+        resolve_attention(mf.LowRank((4, 4)), model, X)
+    with pytest.raises(ValueError, match="orders=None"):
+        mf.attention(model, X, mf.LowRank())
+    auto = resolve_attention(mf.Auto(rtol=1e-4), model, X)
+    assert isinstance(auto, mf.LowRank) and auto.rtol == 1e-4 and auto.fallback == mf.Blocked()
+    shaped = mf.Model(Q=I, K=I, V=I, beta=1.0, norm="sphere", attention="shaped")
+    assert resolve_attention(mf.Auto(), shaped, X) == mf.Dense()
