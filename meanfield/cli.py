@@ -29,19 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-EXPERIMENTS_DIRS = (Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments")
-
-
-def _resolve(file: str) -> str:
-    """An existing path, or the name of a shipped experiment (`quickstart` -> experiments/quickstart.yaml)."""
-    p = Path(file)
-    if p.exists() or p.suffix:
-        return file
-    for d in EXPERIMENTS_DIRS:
-        cand = d / f"{file}.yaml"
-        if cand.is_file():
-            return str(cand)
-    return file
+from .sweep.plan import EXPERIMENTS_DIRS, find_experiment
 
 
 CACHE_MIN_COMPILE_SECS = 0.5  # JAX's default (1 s) would skip most of a sweep's compiles on a fast machine
@@ -122,7 +110,7 @@ def _cmd_run(args) -> int:
         distributed.start(args.coordinator, args.num_processes, args.process_id, args.init_timeout)
     elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
         raise ConfigError("--coordinator, --num-processes and --process-id need --distributed")
-    res = run_experiment(_resolve(args.file), out=args.out, overwrite=args.overwrite, quiet=args.quiet)
+    res = run_experiment(find_experiment(args.file), out=args.out, overwrite=args.overwrite, quiet=args.quiet)
     if res.dataset is None:  # a distributed run's process > 0: process 0 merges and reports
         st = res.stats
         print(f"process {st.process} of {st.processes}: computed {st.points} points in {st.chunks} chunks, busy "
@@ -155,7 +143,7 @@ def _report(res, what: str) -> int:
 def _cmd_validate(args) -> int:
     from .sweep.plan import load_config, make_plan
 
-    file = _resolve(args.file)
+    file = find_experiment(args.file)
     cfg = load_config(file)
     plan = make_plan(cfg, source=file)
     print(f"{file}: valid. {plan.n_points} points in {len(plan.groups)} compiled group(s); "

@@ -18,6 +18,11 @@ $G = mm^\top + S$ (the limit of $X^\top X/n$ for i.i.d. tokens): `gaussian_effec
 `gaussian_rank_one_distance`. Covariance statistics: `cov_trace`, `cov_logdet`,
 `cov_condition`, `numerical_rank`, and `empirical_covariance` for particles.
 
+The registry. `OBSERVABLES` maps each name a sweep may record to an `Observable`: its function of
+tokens and/or of Gaussian moments (or a statistic of the shaped SDE), and its CF `long_name` and
+`units`; `observable_names(kind)` lists those of a simulator. Sweep configs, the sweep's point
+functions and the results' attributes all read it.
+
 Non-finite input. Every observable returns NaN when its input holds a NaN, and also for inf
 except where the value is meaningful: `rms_norm` and `cov_trace` (an infinite variance on the
 diagonal) give inf, `empirical_mean` gives inf in an infinite coordinate. The check is a
@@ -33,6 +38,10 @@ float32, [2^-256, 2^256] in float64); inside that band X is used as given.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -77,6 +86,7 @@ def _scaled(X) -> tuple[jax.Array, jax.Array]:
 def _tokens(X) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(X with non-finite entries zeroed and rescaled by 2^-k, all-finite flag, k)."""
     X = jnp.asarray(X)
+    chex.assert_rank(X, 2)  # one unbatched (n, d) state; vmap for more
     ok = _finite(X)
     Xs, k = _scaled(_zeroed(X))
     return Xs, ok, k
@@ -93,7 +103,8 @@ def _squared_spectrum(X: Tokens) -> jax.Array:
     return s2 / jnp.maximum(jnp.sum(s2), jnp.finfo(X.dtype).tiny)
 
 
-def _entropy_rank(p: jax.Array) -> jax.Array:
+def entropy_rank(p: jax.Array) -> jax.Array:
+    r"""$\exp(-\sum_k p_k\log p_k)$ of a probability vector p (last axis; entries clipped to [0, 1], 0 log 0 = 0)."""
     p = jnp.clip(p, 0.0, 1.0)
     plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
     return jnp.exp(-jnp.sum(plogp, axis=-1))
@@ -103,7 +114,7 @@ def effective_rank(X: Tokens) -> jax.Array:
     r"""$\exp(-\sum_k p_k\log p_k)$, $p_k = s_k^2/\sum_j s_j^2$ (Roy & Vetterli on squared singular values).
     NaN for X holding NaN or inf."""
     Xs, ok, _ = _tokens(X)
-    return _nan_unless(ok, _entropy_rank(_squared_spectrum(Xs)))
+    return _nan_unless(ok, entropy_rank(_squared_spectrum(Xs)))
 
 
 def stable_rank(X: Tokens) -> jax.Array:
@@ -255,6 +266,7 @@ def _second_moment_spectrum(m: Mean, S: Cov) -> tuple[jax.Array, jax.Array]:
     """(normalised eigenvalues of G = mm^T + S, all-finite flag of (m, S)); G is rescaled by an
     exact power of two (m by 2^-k, S by 2^-2k) when its entries would over/underflow."""
     m, S = jnp.asarray(m), jnp.asarray(S)
+    chex.assert_shape([m, S], [(m.shape[-1],), (m.shape[-1], m.shape[-1])])  # one unbatched (d,), (d, d) state
     ok = _finite(m, S)
     m, S = _zeroed(m), _zeroed(S)
     big = jnp.maximum(jnp.max(jnp.abs(m)), jnp.sqrt(jnp.max(jnp.abs(S))))
@@ -268,7 +280,7 @@ def gaussian_effective_rank(m: Mean, S: Cov) -> jax.Array:
     r"""Effective rank of $G = mm^\top + S$ (the n -> inf limit of `effective_rank` for i.i.d. tokens);
     NaN when m or S holds NaN or inf."""
     p, ok = _second_moment_spectrum(m, S)
-    return _nan_unless(ok, _entropy_rank(p))
+    return _nan_unless(ok, entropy_rank(p))
 
 
 def gaussian_rank_one_distance(m: Mean, S: Cov) -> jax.Array:
@@ -288,19 +300,71 @@ def rms_norm(X: Tokens) -> jax.Array:
     return jnp.where(ok, r, bad)
 
 
-PARTICLE_OBSERVABLES = {
-    "effective_rank": effective_rank,
-    "stable_rank": stable_rank,
-    "rank_one_distance": rank_one_distance,
-    "consensus_distance": consensus_distance,
-    "mean_cosine": mean_cosine,
-    "diameter": diameter,
-    "rms_norm": rms_norm,
-    "cov_trace": lambda X: cov_trace(empirical_covariance(X)),
+def mean_norm(m: Mean) -> jax.Array:
+    r"""$\lVert m\rVert$: the norm of a Gaussian's mean."""
+    return jnp.linalg.norm(m, axis=-1)
+
+
+@dataclass(frozen=True)
+class Observable:
+    """One scalar observable: how to compute it per state kind, and its CF `long_name` / `units`.
+
+    `particles`: X (n, d) -> scalar; `gaussian`: (m, S) -> scalar; `shaped_sde`: a statistic of the
+    shaped SDE's kernel paths (computed by its sweep point function, `meanfield.sweep.points`).
+    """
+
+    long_name: str
+    units: str
+    particles: Callable[[Tokens], jax.Array] | None = None
+    gaussian: Callable[[Mean, Cov], jax.Array] | None = None
+    shaped_sde: bool = False
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The simulators (`particles`, `gaussian`, `shaped_sde`) that can record it."""
+        return tuple(k for k, v in (("particles", self.particles), ("gaussian", self.gaussian),
+                                    ("shaped_sde", self.shaped_sde)) if v)
+
+
+def _of_cov(f):
+    return lambda m, S: f(S)
+
+
+OBSERVABLES: dict[str, Observable] = {
+    "effective_rank": Observable("effective rank exp(H(s^2/sum s^2))", "1", effective_rank, gaussian_effective_rank),
+    "stable_rank": Observable("stable rank ||X||_F^2/||X||_2^2", "1", stable_rank),
+    "rank_one_distance": Observable("relative distance to rank one", "1", rank_one_distance, gaussian_rank_one_distance),
+    "consensus_distance": Observable("relative distance to consensus", "1", consensus_distance),
+    "mean_cosine": Observable("mean pairwise cosine", "1", mean_cosine),
+    "diameter": Observable("token diameter max |x_i - x_j|", "token units", diameter),
+    "rms_norm": Observable("RMS token norm", "token units", rms_norm),
+    "cov_trace": Observable("tr S", "token units^2", lambda X: cov_trace(empirical_covariance(X)), _of_cov(cov_trace)),
+    "cov_logdet": Observable("log det S", "1", gaussian=_of_cov(cov_logdet)),
+    "cov_condition": Observable("condition number of S", "1", gaussian=_of_cov(cov_condition)),
+    "numerical_rank": Observable("numerical rank of S", "1", gaussian=_of_cov(numerical_rank)),
+    "mean_norm": Observable("|m|", "token units", gaussian=lambda m, S: mean_norm(m)),
+    "cluster_count": Observable("number of clusters", "1", cluster_count),
+    "corr_mean": Observable("mean correlation rho_ab", "1", shaped_sde=True),
+    "corr_q10": Observable("10% quantile of rho_ab", "1", shaped_sde=True),
+    "corr_q90": Observable("90% quantile of rho_ab", "1", shaped_sde=True),
+    "min_eig": Observable("smallest kernel eigenvalue over paths (< 0: Euler-Maruyama left the PSD cone)", "1",
+                          shaped_sde=True),
+    "exploded_fraction": Observable("fraction of SDE paths exploded (tr V > threshold) by t1", "1", shaped_sde=True),
 }
-"""Name -> scalar observable of tokens X; the names a sweep may record."""
+"""Name -> `Observable`: the one list of observables a sweep may record (and their CF attributes)."""
+
+
+def observable_names(kind: str) -> tuple[str, ...]:
+    """The observables the simulator `kind` (`particles`, `gaussian`, `shaped_sde`) can record."""
+    return tuple(name for name, o in OBSERVABLES.items() if kind in o.kinds)
+
+
+PARTICLE_OBSERVABLES = {name: o.particles for name, o in OBSERVABLES.items()
+                        if o.particles is not None and name != "cluster_count"}
+"""Name -> scalar observable of tokens X: the particle observables of `OBSERVABLES` but
+`cluster_count` (a dense O(n^2) while-loop): `particle_observables`' default set."""
 
 
 def particle_observables(X: Tokens, names=tuple(PARTICLE_OBSERVABLES)) -> dict:
     """A dict of the named scalar observables of X (a ready `save_fn`)."""
-    return {name: PARTICLE_OBSERVABLES[name](X) for name in names}
+    return {name: OBSERVABLES[name].particles(X) for name in names}

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meanfield.cli import main
-from meanfield.regimes import FAILED, REGIMES, regime_code
+from meanfield.regimes.observed import FAILED, REGIMES, regime_code
 from meanfield.sweep.plan import ConfigError, config_from_dict, evaluate_expression, load_config, parse_yaml
 from meanfield.sweep.store import IncompleteRunWarning, load_run
 from test_sweep_run import PARTICLES

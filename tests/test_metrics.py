@@ -98,3 +98,37 @@ def test_mean_cosine_beyond_int32_pair_counts():
     """n (n - 1) > 2^31 (n = 50,000): the pair count must not overflow (it did as a Python int)."""
     X = jnp.tile(jnp.asarray([[0.6, 0.8]], jnp.float32), (50_000, 1))
     assert abs(float(mf.metrics.mean_cosine(X)) - 1.0) < 1e-3
+
+
+def test_observable_registry_is_the_one_list(key):
+    """Every observable has CF attributes and a function for each simulator it names; the sweep
+    config's choices and `particle_observables` are read from it."""
+    from meanfield.sweep.config import DEFAULT_OBSERVABLES
+
+    X = jax.random.normal(key, (12, 3))
+    m, S = jnp.array([0.3, -0.1, 0.2]), jnp.diag(jnp.array([1.0, 0.5, 0.1]))
+    for name, o in metrics.OBSERVABLES.items():
+        assert o.long_name and o.units and o.kinds, name
+        if o.particles is not None:
+            assert jnp.shape(o.particles(X)) == ()
+        if o.gaussian is not None:
+            assert jnp.shape(o.gaussian(m, S)) == ()
+    for kind, names in DEFAULT_OBSERVABLES.items():
+        assert set(names) <= set(metrics.observable_names(kind)), kind
+    assert metrics.OBSERVABLES["effective_rank"].gaussian(m, S) == metrics.gaussian_effective_rank(m, S)
+    assert set(metrics.particle_observables(X)) == set(metrics.observable_names("particles")) - {"cluster_count"}
+
+
+def test_particle_regime_is_the_rule_of_classify(key):
+    """The sweep's particle rule (`particle_regime` on saved observables) equals `classify` on the tokens."""
+    from meanfield.regimes.observed import judged_save, particle_regime
+
+    model = mf.Model.random(key, 2, norm="sphere")
+    X0 = mf.sphere_uniform(jax.random.fold_in(key, 1), 8, 2)
+    sol = mf.simulate_particles(model, X0, 2.0, n_save=5)
+    reached = jnp.all(jnp.isfinite(sol.xs), axis=(-2, -1))
+    last = judged_save(reached, sol.blown_up)
+    r1 = jax.vmap(metrics.rank_one_distance)(sol.xs)
+    rms = jax.vmap(metrics.rms_norm)(sol.xs)
+    code = particle_regime(r1[last], rms[last], rms[0], sol.blown_up, failed=~sol.success)
+    assert int(code) == int(mf.classify(sol))

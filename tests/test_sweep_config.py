@@ -1,5 +1,6 @@
 """The experiment schema and planner: bad input never gets far, sweeps expand as documented."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,74 @@ def test_cli_validate_list_help():
         with pytest.raises(SystemExit) as exit_:
             main([cmd, "--help"])
         assert exit_.value.code == 0
+
+
+def test_shipped_experiments_are_found_by_name():
+    from meanfield.sweep.plan import EXPERIMENTS_DIRS, find_experiment
+
+    assert any((d / "quickstart.yaml").is_file() for d in EXPERIMENTS_DIRS)
+    assert find_experiment("quickstart").endswith("quickstart.yaml")
+    assert find_experiment("no_such_experiment") == "no_such_experiment"
+    assert find_experiment("x.yaml") == "x.yaml"
+
+
+def test_observables_are_checked_against_the_registry():
+    """`observables:` accepts exactly the names `metrics.observable_names(kind)` lists."""
+    from meanfield.metrics import observable_names
+
+    for name in observable_names("particles"):
+        config_from_dict(_with(observables=[name]))
+    with pytest.raises(ConfigError, match="cov_logdet.*not available for particles"):
+        config_from_dict(_with(observables=["cov_logdet"]))
+
+
+def test_point_config_puts_the_numbers_in_the_typed_config():
+    """A point's swept numbers replace the group config's, by path, in the typed config `build_model` reads."""
+    import jax.numpy as jnp
+
+    from meanfield.sweep.build import build_model, point_config, point_keys
+    from meanfield.sweep.config import Diag, Eye
+
+    cfg = config_from_dict(_with(model={"d": 2, "V": {"eye": 1.0}, "W1": "random", "b": [0.0, 0.0]},
+                                 initial={"cov": {"diag": [1.0, 1.0]}}))
+    pc = point_config(cfg, {"model.V.eye": 2.0, "model.b.1": 0.5, "initial.cov.diag.0": 3.0, "seed": 4})
+    assert pc.model.V == Eye(eye=2.0) and pc.model.b == [0.0, 0.5] and pc.initial.cov == Diag(diag=[3.0, 1.0])
+    assert pc.seed == 4 and cfg.seed == 0 and cfg.model.V == Eye(eye=1.0)
+    key = point_keys(4)[0]
+    a = build_model(cfg.model, key, jnp.float32, {"model.V.eye": 2.0, "model.beta": 3.0})
+    b = build_model(pc.model.model_copy(update={"beta": 3.0}), key, jnp.float32)
+    assert float(a.beta) == 3.0 and jnp.array_equal(a.V, 2.0 * jnp.eye(2)) and jnp.array_equal(a.V, b.V)
+    with pytest.raises(KeyError, match="model.nope"):
+        point_config(cfg, {"model.nope": 1.0})
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, "Auto()"), ("auto", "Auto()"), ("dense", "Dense()"), ("blocked", "Blocked()"),
+    ({"kind": "blocked", "block_size": 512}, "Blocked(block_size=512)"), ("lowrank", "LowRank()"),
+    ({"kind": "lowrank", "rtol": 1.0e-4}, "LowRank(rtol=0.0001)"), ({"kind": "auto", "rtol": 1e-5}, "Auto(rtol=1e-05)"),
+])
+def test_simulator_attention_names_the_evaluators(value, expected):
+    """`simulator.attention`: a string or a {kind: ...} mapping, validated into the library's evaluators."""
+    import meanfield as mf
+
+    sim = {} if value is None else {"attention": value}
+    cfg = config_from_dict(_with(simulator=sim, model={"d": 2, "mlp": "affine", "attention": "softmax"}))
+    evaluator = cfg.simulator.attention.evaluator()
+    assert evaluator == eval(expected, {k: getattr(mf, k) for k in ("Auto", "Dense", "Blocked", "LowRank")})
+
+
+@pytest.mark.parametrize("old, message", [
+    ({"attention_impl": "dense"}, "simulator.attention_impl was replaced by simulator.attention: dense"),
+    ({"attention_method": "lowrank", "attention_rtol": 1e-4},
+     "simulator.attention_method was replaced by simulator.attention: {kind: lowrank, rtol: 0.0001}"),
+    ({"attention_rtol": 1e-4}, "simulator.attention_rtol was replaced by simulator.attention: {kind: auto, rtol: 0.0001}"),
+])
+def test_replaced_attention_keys_are_refused(old, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(_with(simulator=old))
+
+
+def test_bad_attention_values_are_refused():
+    for bad in ("flash", {"kind": "dense", "block_size": 64}, {"kind": "blocked", "block_size": 0}, {"rtol": 1e-3}):
+        with pytest.raises(ConfigError, match="simulator.attention"):
+            config_from_dict(_with(simulator={"attention": bad}))

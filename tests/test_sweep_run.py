@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -198,18 +197,18 @@ def test_shaped_sde_sweep_matches_direct_call(tmp_path):
 
 def test_stall_watch_warns_when_no_cpu_is_used(monkeypatch, capsys):
     """A chunk that sits at 0% CPU (XLA's wedged thread pool) gets a warning naming the remedy."""
-    import meanfield.sweep.run as run_mod
+    import meanfield.sweep.watchdog as watchdog
 
-    monkeypatch.setattr(run_mod, "STALL_SECONDS", 0.4)
+    monkeypatch.setattr(watchdog, "STALL_SECONDS", 0.4)
     # A frozen CPU clock: other threads of this process (XLA's pool finishing earlier tests' work,
     # the garbage collector) may use a millisecond here and there, which a real wedged pool would not.
     with monkeypatch.context() as m:
-        m.setattr(run_mod.time, "process_time", lambda: 0.0)
-        with run_mod._StallWatch("demo chunk 3"):
+        m.setattr(watchdog.time, "process_time", lambda: 0.0)
+        with watchdog.StallWatch("demo chunk 3"):
             time.sleep(1.2)  # sleeping uses no CPU, like a wedged pool
     err = capsys.readouterr().err
     assert "demo chunk 3: no CPU progress" in err and "rerun the same command to resume" in err
-    with run_mod._StallWatch("busy"):
+    with watchdog.StallWatch("busy"):
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < 1.0:
             pass  # busy: no warning
@@ -217,14 +216,14 @@ def test_stall_watch_warns_when_no_cpu_is_used(monkeypatch, capsys):
 
 
 def test_lowrank_attention_sweep_matches_direct_attention(tmp_path, capfd):
-    """`simulator.attention_method: lowrank` plans static orders per group, runs points unvmapped, and
+    """`simulator.attention: {kind: lowrank}` plans static orders per group, runs points unvmapped, and
     reproduces the direct-sum solve within the attention tolerance."""
     raw = {
         "name": "lowrank",
         "model": {"d": 3, "mlp": "none", "norm": "sphere", "Q": {"eye": 1.0}, "K": {"eye": 1.0}, "V": {"eye": 1.0}},
         "initial": {"kind": "sphere", "n": 512},
-        "simulator": {"t1": 2.0, "n_save": 3, "solver": "rk4", "dt0": 0.25, "attention_method": "lowrank",
-                      "attention_rtol": 1e-4},
+        "simulator": {"t1": 2.0, "n_save": 3, "solver": "rk4", "dt0": 0.25,
+                      "attention": {"kind": "lowrank", "rtol": 1e-4}},
         "observables": ["effective_rank", "mean_cosine"],
         "sweep": {"grid": {"model.beta": [0.5, 1.0]}},
         "plots": {"curves": None},
@@ -235,11 +234,11 @@ def test_lowrank_attention_sweep_matches_direct_attention(tmp_path, capfd):
     assert ds["model.beta"].values[i] == 1.0
     model = mf.Model(Q=jnp.eye(3), K=jnp.eye(3), V=jnp.eye(3), beta=1.0, mlp="none", norm="sphere")
     X0 = mf.sphere_uniform(jax.random.fold_in(jax.random.key(0), 1), 512, 3)
-    sol = mf.simulate_particles(model, X0, 2.0, n_save=3, solver="rk4", dt0=0.25, attention_method="direct",
+    sol = mf.simulate_particles(model, X0, 2.0, n_save=3, solver="rk4", dt0=0.25, attention=mf.Dense(),
                                 save_fn=mf.metrics.particle_observables)
     np.testing.assert_allclose(ds["mean_cosine"].values[i], sol.xs["mean_cosine"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(ds["effective_rank"].values[i], sol.xs["effective_rank"], rtol=1e-3)
     bad = copy.deepcopy(raw)
     bad["model"]["attention"] = "shaped"
-    with pytest.raises(ConfigError, match="attention_method"):
+    with pytest.raises(ConfigError, match="simulator.attention.*'lowrank' needs softmax"):
         config_from_dict(bad)

@@ -10,13 +10,12 @@ instead of O(n^2), so n = 10^5 tokens take milliseconds per step; it agrees with
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..simulate.core import solve
 from ..simulate.solvers import make_controller, make_solver, save_times
-from .velocity import _angle_velocity, check_model, kernel_order
+from .velocity import check_model, kernel_order, layer_angle_velocity
 
 
 def simulate_angles(model, theta0, t1: float, *, t0: float = 0.0, ts=None, n_save: int = 11, solver="tsit5",
@@ -45,7 +44,7 @@ def simulate_angles(model, theta0, t1: float, *, t0: float = 0.0, ts=None, n_sav
 @eqx.filter_jit
 def _solve(model, theta0, t0, t1, ts, dt0, solver, controller, max_steps, P, weights):
     def field(t, th, args):
-        return _angle_velocity(args.at(t), th, P, weights)
+        return layer_angle_velocity(args.at(t), th, P, weights)
 
     traj = solve(field, theta0, model, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
                  max_steps=max_steps, throw=True)

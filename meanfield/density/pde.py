@@ -25,7 +25,6 @@ piecewise-constant depth schedules pick the layer active at $t$). Discretisation
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 
@@ -35,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._display import Summarised, Summary
 from ..simulate.checks import (
     all_finite, check_finite, check_model_finite, check_number, check_solver_options, check_span,
 )
-from ..simulate.solvers import make_controller, make_solver, progress_meter, save_times
+from ..simulate.solvers import default_tolerances, make_controller, make_solver, progress_meter, save_times
 from . import grid as _grid
 from .velocity import apply_operator, check_model, layer_operator, resolve_method
 
@@ -58,28 +58,19 @@ def default_tail_tol(dtype) -> float:
     return 1e-8 if jnp.dtype(dtype) == jnp.float64 else 1e-4
 
 
-def default_tolerances(dtype) -> tuple[float, float]:
-    """(rtol, atol) = (1e-6, 1e-8) float32, (1e-10, 1e-12) float64: 100x below the tail tolerance.
-
-    An explicit solver under error control lets the stiffest (highest) modes sit at about the
-    local error tolerance times the density's RMS/mean ratio; the tail check must not see that.
-    """
-    return (1e-10, 1e-12) if jnp.dtype(dtype) == jnp.float64 else (1e-6, 1e-8)
-
-
-@dataclasses.dataclass(frozen=True)
-class DensitySolution:
+@dataclasses.dataclass(frozen=True, repr=False)  # __repr__ from Summarised
+class DensitySolution(Summarised):
     """Result of `simulate_density` (host arrays).
 
     Attributes:
         ts: save times (T,).
         theta: the output grid (N_out,), N_out the largest N used.
-        rho: densities at the save times on `theta` (T, N_out) (spectral interpolation of the
+        density: densities at the save times on `theta` (T, N_out) (spectral interpolation of the
             state at its own N; NaN where the solve did not reach).
         modes: the N in use at each save (T,).
         tail: spectral tail of each save (T,) (see `grid.spectral_tail`).
-        min_ratio: min rho / max rho of each save (T,) (negative: lost positivity).
-        mass: integral of rho at each save (T,).
+        min_ratio: min density / max density of each save (T,) (negative: lost positivity).
+        mass: integral of density at each save (T,).
         t_end: the depth reached (t1 unless stopped for lack of resolution).
         resolved: whether the solve reached t1 with every check passed.
         refinements: list of (t, N_old, N_new) restarts.
@@ -89,7 +80,7 @@ class DensitySolution:
 
     ts: np.ndarray
     theta: np.ndarray
-    rho: np.ndarray
+    density: np.ndarray
     modes: np.ndarray
     tail: np.ndarray
     min_ratio: np.ndarray
@@ -102,80 +93,67 @@ class DensitySolution:
 
     @property
     def final(self) -> np.ndarray:
-        return self.rho[-1]
+        return self.density[-1]
 
     def peaks(self, level: float = 2.0) -> np.ndarray:
         """Peak count (`grid.count_peaks`) at every save (-1 where not reached)."""
-        ok = np.all(np.isfinite(self.rho), axis=-1)
-        n = np.asarray(_grid.count_peaks(jnp.asarray(np.where(ok[:, None], self.rho, 0.0)), level))
+        ok = np.all(np.isfinite(self.density), axis=-1)
+        n = np.asarray(_grid.count_peaks(jnp.asarray(np.where(ok[:, None], self.density, 0.0)), level))
         return np.where(ok, n, -1)
 
     def cdf(self, index: int, theta) -> np.ndarray:
         """Cumulative distribution of save `index` at angles `theta` in [0, 2 pi]."""
-        return np.asarray(_grid.cdf(jnp.asarray(self.rho[index]), jnp.asarray(theta, self.rho.dtype)))
+        return np.asarray(_grid.cdf(jnp.asarray(self.density[index]), jnp.asarray(theta, self.density.dtype)))
 
-    def _summary(self) -> list[tuple[str, str]]:
-        """(name, value) rows for `__repr__` / `_repr_html_` (host arrays; shapes and scalars only)."""
+    def _summary(self) -> Summary:
+        """What `__repr__` / `_repr_html_` show (`Summarised`; host arrays, shapes and scalars only)."""
         from .. import _display as D
 
-        rows = [("ts", D.span(self.ts)), ("rho", D.shape(self.rho)),
+        rows = [("ts", D.span(self.ts)), ("density", D.shape(self.density)),
                 ("modes", str(sorted(set(np.asarray(self.modes).tolist())))),
                 ("t_end", D.num(self.t_end)), ("resolved", str(bool(self.resolved))),
                 ("refinements", str(len(self.refinements))), ("num_steps", str(int(self.num_steps)))]
         if self.message:
             rows.append(("message", self.message))
-        return rows
-
-    def __repr__(self) -> str:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return f"DensitySolution(t_end={self.t_end!r}, resolved={self.resolved!r})" if rows is None else D.text(
-            "DensitySolution", rows)
-
-    def _repr_html_(self) -> str | None:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return None if rows is None else D.table(
-            "meanfield.DensitySolution", rows, "d rho/dt + d(rho v[rho])/dtheta = 0 on the circle; peaks: sol.peaks()")
+        return Summary("DensitySolution", rows,
+                       "d(density)/dt + d(density v[density])/dtheta = 0 on the circle; peaks: sol.peaks()")
 
 
-def choose_modes(rho0: Callable, tail_tol: float, *, start: int = 16, max_modes: int = 4096, dtype=None) -> int:
-    """Smallest N = start * 2^j whose grid values of `rho0` have spectral tail <= tail_tol
+def choose_modes(density0: Callable, tail_tol: float, *, start: int = 16, max_modes: int = 4096, dtype=None) -> int:
+    """Smallest N = start * 2^j whose grid values of `density0` have spectral tail <= tail_tol
     (max_modes if none does)."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
     N = _grid.check_modes(start, "start")
     while True:
-        rho = jnp.asarray(rho0(_grid.grid(N, dtype)), dtype)
-        if float(_grid.spectral_tail(rho)) <= tail_tol or N >= max_modes:
+        density = jnp.asarray(density0(_grid.grid(N, dtype)), dtype)
+        if float(_grid.spectral_tail(density)) <= tail_tol or N >= max_modes:
             return N
         N *= 2
 
 
-def _initial_state(rho0, modes, tail_tol, max_modes, dtype):
-    if callable(rho0):
-        N = choose_modes(rho0, tail_tol / 10, max_modes=max_modes, dtype=dtype) if modes is None \
+def _initial_state(density0, modes, tail_tol, max_modes, dtype):
+    if callable(density0):
+        N = choose_modes(density0, tail_tol / 10, max_modes=max_modes, dtype=dtype) if modes is None \
             else _grid.check_modes(modes)
-        return jnp.asarray(rho0(_grid.grid(N, dtype)), dtype)
-    rho = jnp.asarray(rho0, dtype)
-    if rho.ndim != 1:
-        raise ValueError(f"simulate_density: `rho0` must be a callable or grid values (N,); got shape {rho.shape}.")
-    _grid.check_modes(rho.shape[0], "len(rho0)")
+        return jnp.asarray(density0(_grid.grid(N, dtype)), dtype)
+    density = jnp.asarray(density0, dtype)
+    if density.ndim != 1:
+        raise ValueError(f"simulate_density: `density0` must be a callable or grid values (N,); got shape {density.shape}.")
+    _grid.check_modes(density.shape[0], "len(density0)")
     if modes is None:
-        N = rho.shape[0]
-        while float(_grid.spectral_tail(_grid.resample(rho, N))) > tail_tol / 10 and N < max_modes:
+        N = density.shape[0]
+        while float(_grid.spectral_tail(_grid.resample(density, N))) > tail_tol / 10 and N < max_modes:
             N *= 2
     else:
         N = _grid.check_modes(modes)
-    return _grid.resample(rho, N)
+    return _grid.resample(density, N)
 
 
 def _rhs_factory(N: int):
     M = 3 * N // 2
     K = N // 2
 
-    def rhs(t, rho, args):
+    def rhs(t, density, args):
         model, ops = args
         if model.layer_times is None:
             op = ops
@@ -183,11 +161,11 @@ def _rhs_factory(N: int):
             idx = jnp.searchsorted(model.layer_times, t, side="right")
             op = jax.tree.map(lambda a: a[idx], ops)
         layer = model.at(t)
-        c = jnp.fft.rfft(rho)[:K]                        # modes 0..N/2-1 (Nyquist dropped)
-        rho_f = jnp.fft.irfft(c, n=M) * (M / N)          # exact values on the padded grid
-        flux = rho_f * apply_operator(op, layer, rho_f)
+        c = jnp.fft.rfft(density)[:K]                             # modes 0..N/2-1 (Nyquist dropped)
+        density_padded = jnp.fft.irfft(c, n=M) * (M / N)          # exact values on the padded grid
+        flux = density_padded * apply_operator(op, layer, density_padded)
         f_hat = jnp.fft.rfft(flux)[:K] * (N / M)
-        k = jnp.arange(K, dtype=rho.dtype)
+        k = jnp.arange(K, dtype=density.dtype)
         return -jnp.fft.irfft(1j * k * f_hat, n=N)
 
     return rhs
@@ -201,11 +179,11 @@ def _build_ops(model, M, method, dtype):
 
 
 @eqx.filter_jit
-def _segment(model, rho0, t0, t1, ts, dt0, solver, controller, max_steps, method, tail_tol, pos_tol, watch,
+def _segment(model, density0, t0, t1, ts, dt0, solver, controller, max_steps, method, tail_tol, pos_tol, watch,
              progress):
-    N = rho0.shape[0]
+    N = density0.shape[0]
     M = 3 * N // 2
-    ops = _build_ops(model, M, method, rho0.dtype)
+    ops = _build_ops(model, M, method, density0.dtype)
     event = None
     if watch:
         def bad(t, y, args, **kwargs):
@@ -213,7 +191,7 @@ def _segment(model, rho0, t0, t1, ts, dt0, solver, controller, max_steps, method
             return (tail > tail_tol) | (jnp.min(y) < -pos_tol * jnp.max(y)) | ~jnp.all(jnp.isfinite(y))
         event = diffrax.Event(bad)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_rhs_factory(N)), solver, t0, t1, dt0, rho0, args=(model, ops),
+        diffrax.ODETerm(_rhs_factory(N)), solver, t0, t1, dt0, density0, args=(model, ops),
         saveat=diffrax.SaveAt(ts=ts, t1=True), event=event, stepsize_controller=controller,
         max_steps=max_steps, throw=False, progress_meter=progress_meter(progress),
     )
@@ -223,7 +201,7 @@ def _segment(model, rho0, t0, t1, ts, dt0, solver, controller, max_steps, method
 
 def simulate_density(
     model,
-    rho0,
+    density0,
     t1: float,
     *,
     t0: float = 0.0,
@@ -247,25 +225,25 @@ def simulate_density(
     Arguments:
         model: a `Model` with d = 2, `norm="sphere"`, attention softmax / unnormalised / shaped /
             none, any MLP (a local field), depth-constant or `Model.piecewise`; not causal.
-        rho0: initial density: a callable `theta -> rho` (e.g. from `meanfield.density.initial`)
+        density0: initial density: a callable `theta -> density(theta)` (e.g. from `meanfield.density.initial_densities`)
             or grid values (N,) on $2\pi j/N$. Its mass is kept as given (1 for a probability).
         t1: final depth; `t0` initial depth; `ts` save times (default `n_save` uniform).
-        modes: fixed initial N (multiple of 4); default chosen from `rho0` and `tail_tol`.
+        modes: fixed initial N (multiple of 4); default chosen from `density0` and `tail_tol`.
         max_modes: largest N refinement may reach.
         tail_tol: spectral tail allowed (default 1e-4 float32, 1e-8 float64).
-        positivity_tol: allowed undershoot, min rho >= -positivity_tol * max rho.
+        positivity_tol: allowed undershoot, min density >= -positivity_tol * max density.
         on_underresolved: `"refine"` (double N and restart; stop + warn at `max_modes`),
             `"stop"` (stop + warn), `"warn"` (warn, continue at fixed N), `"raise"`.
         method: `"dense"` (any Q, K, V), `"fft"` (rotation-invariant $Q^\top K$ and $V$) or `"auto"`.
         solver, dt0, rtol, atol, max_steps, progress: as in `simulate_particles`; default
-            rtol/atol 1e-6/1e-8 (float32), 1e-10/1e-12 (float64), see `default_tolerances`.
+            rtol/atol 1e-6/1e-8 (float32), 1e-10/1e-12 (float64), see `simulate.solvers.DENSITY_TOLERANCES`.
 
     Returns:
         `DensitySolution`.
 
     Raises:
         ValueError: for a model off the circle, causal attention, bad options, and, naming the
-            argument, numbers that are not valid: `rho0` or a model array holding NaN / inf,
+            argument, numbers that are not valid: `density0` or a model array holding NaN / inf,
             `t0` / `t1` not finite or `t1 <= t0`, `ts` not finite, decreasing or outside
             [t0, t1], `dt0` / `rtol` / `atol` / `tail_tol` not finite and > 0.
         UnderResolvedError: with `on_underresolved="raise"` when the checks fail.
@@ -285,22 +263,22 @@ def simulate_density(
     tail_tol = default_tail_tol(dtype) if tail_tol is None else float(tail_tol)
     _grid.check_modes(max_modes, "max_modes")
     method = resolve_method(model, method)
-    if not callable(rho0):
-        check_finite(where, "rho0", jnp.asarray(rho0, dtype))
-    rho = _initial_state(rho0, modes, tail_tol, max_modes, dtype)
-    if callable(rho0) and all_finite(rho) is False:
-        raise ValueError(f"{where}: `rho0` must give finite values on the grid; got NaN or inf "
-                         f"({int(np.sum(~np.isfinite(np.asarray(rho))))} of {rho.shape[0]} nodes).")
-    N = rho.shape[0]
-    if float(_grid.spectral_tail(rho)) > tail_tol:
+    if not callable(density0):
+        check_finite(where, "density0", jnp.asarray(density0, dtype))
+    density = _initial_state(density0, modes, tail_tol, max_modes, dtype)
+    if callable(density0) and all_finite(density) is False:
+        raise ValueError(f"{where}: `density0` must give finite values on the grid; got NaN or inf "
+                         f"({int(np.sum(~np.isfinite(np.asarray(density))))} of {density.shape[0]} nodes).")
+    N = density.shape[0]
+    if float(_grid.spectral_tail(density)) > tail_tol:
         msg = (f"simulate_density: the initial density needs more than max_modes = {max_modes} modes "
-               f"(spectral tail {float(_grid.spectral_tail(rho)):.2e} > tail_tol = {tail_tol:.1e}).")
+               f"(spectral tail {float(_grid.spectral_tail(density)):.2e} > tail_tol = {tail_tol:.1e}).")
         if on_underresolved == "raise":
             raise UnderResolvedError(msg)
         warnings.warn(msg, UnderResolvedWarning, stacklevel=2)
     solver_obj, adaptive = make_solver(solver)
     ts = np.asarray(save_times(t0, t1, ts, n_save, dtype, where))
-    d_rtol, d_atol = default_tolerances(dtype)
+    d_rtol, d_atol = default_tolerances(dtype, "density")
     controller = make_controller(adaptive, dt0=dt0, rtol=d_rtol if rtol is None else rtol,
                                  atol=d_atol if atol is None else atol, dtype=dtype, jump_ts=model.layer_times)
     T = len(ts)
@@ -320,7 +298,7 @@ def simulate_density(
     while True:
         ts_seg = jnp.asarray(np.clip(ts, t_start, float(t1)), dtype)
         ts_out, ys, ok, nst = _segment(
-            model, rho, jnp.asarray(t_start, dtype), jnp.asarray(t1, dtype), ts_seg,
+            model, density, jnp.asarray(t_start, dtype), jnp.asarray(t1, dtype), ts_seg,
             None if dt0 is None else jnp.asarray(dt0, dtype), solver_obj, controller, max_steps, method,
             tail_tol, positivity_tol, watch, progress,
         )
@@ -347,9 +325,9 @@ def simulate_density(
         # diffrax does not test): keep the saves that pass, restart from the latest of them
         y_bad = jnp.asarray(y_end)
         why = (f"at t = {t_end:.4g} with N = {N} modes the spectral tail is {float(_grid.spectral_tail(y_bad)):.2e} "
-               f"(tail_tol {tail_tol:.1e}) and min/max rho = {float(jnp.min(y_bad) / jnp.max(y_bad)):.2e} "
+               f"(tail_tol {tail_tol:.1e}) and min/max density = {float(jnp.min(y_bad) / jnp.max(y_bad)):.2e} "
                f"(positivity_tol {positivity_tol:.1e})")
-        t_back, y_back = t_start, rho
+        t_back, y_back = t_start, density
         for i in mine:
             if not passes(ys[i]):
                 break
@@ -357,7 +335,7 @@ def simulate_density(
             t_back, y_back = float(ts[i]), ys[i]
         if on_underresolved == "refine" and 2 * N <= max_modes:
             refinements.append((t_back, N, 2 * N))
-            rho = _grid.resample(jnp.asarray(y_back), 2 * N)
+            density = _grid.resample(jnp.asarray(y_back), 2 * N)
             N *= 2
             t_start = t_back
             continue
@@ -380,7 +358,7 @@ def simulate_density(
             warnings.warn(message, UnderResolvedWarning, stacklevel=2)
     N_out = max([m for m in save_modes if m > 0], default=N)
     np_dtype = np.dtype(dtype)
-    rho_out = np.full((T, N_out), np.nan, np_dtype)
+    density_out = np.full((T, N_out), np.nan, np_dtype)
     tail_out = np.full(T, np.nan)
     ratio_out = np.full(T, np.nan)
     mass_out = np.full(T, np.nan)
@@ -391,9 +369,9 @@ def simulate_density(
         tail_out[i] = float(_grid.spectral_tail(yj))
         ratio_out[i] = float(jnp.min(yj) / jnp.max(yj))
         mass_out[i] = float(_grid.mass(yj))
-        rho_out[i] = _grid.upsample_np(np.asarray(y, np.float64), N_out).astype(np_dtype)
+        density_out[i] = _grid.upsample_np(np.asarray(y, np.float64), N_out).astype(np_dtype)
     return DensitySolution(
-        ts=ts, theta=np.asarray(_grid.grid(N_out, dtype)), rho=rho_out, modes=save_modes, tail=tail_out,
+        ts=ts, theta=np.asarray(_grid.grid(N_out, dtype)), density=density_out, modes=save_modes, tail=tail_out,
         min_ratio=ratio_out, mass=mass_out, t_end=min(t_end, float(t1)), resolved=resolved,
         refinements=refinements, num_steps=steps, message=message,
     )

@@ -12,7 +12,7 @@ $$ v[\rho](\theta) = a_\text{attn}\,\Big\langle e(\theta),
 $k(\theta,\varphi) = e^{\beta\langle Q x(\theta), K x(\varphi)\rangle}$, softmax:
 $Z(\theta) = \int k(\theta,\varphi)\rho(\varphi)\,d\varphi$; unnormalised: $Z = 1$; shaped:
 softmax term $+ \langle e, V x(\theta)\rangle - \langle e, V\!\int x\rho\rangle$. The integral is the
-trapezoidal rule on the grid of `rho` (spectrally accurate for a smooth periodic integrand):
+trapezoidal rule on the grid of `density` (spectrally accurate for a smooth periodic integrand):
 exactly the particle model's velocity for tokens at the grid nodes carrying weights
 $w_j = 2\pi\rho_j/N$. Two evaluations of the same quadrature sum:
 
@@ -121,14 +121,14 @@ def layer_operator(layer, M: int, method: str, dtype) -> dict:
     return op
 
 
-def apply_operator(op: dict, layer, rho: jax.Array) -> jax.Array:
-    """Tangential velocity on the M-point grid for density values `rho` (M,) there."""
+def apply_operator(op: dict, layer, density: jax.Array) -> jax.Array:
+    """Tangential velocity on the M-point grid for the density values `density` (M,) there."""
     v = op["local"]
     if layer.attention == "none":
         return v
-    M = rho.shape[-1]
-    dtype = rho.dtype
-    w = rho * (2 * math.pi / M)
+    M = density.shape[-1]
+    dtype = density.dtype
+    w = density * (2 * math.pi / M)
     theta = (2 * math.pi / M) * jnp.arange(M, dtype=dtype)
     E = jnp.stack([-jnp.sin(theta), jnp.cos(theta)], axis=-1)
     if "kernel" in op:
@@ -166,18 +166,18 @@ def resolve_method(model, method: str) -> str:
     return method
 
 
-def density_velocity(model, rho, *, t=0.0, method: str = "auto") -> jax.Array:
-    r"""$v[\rho](\theta_j)$ at the grid nodes of `rho` (N,), for the layer active at depth `t`.
+def density_velocity(model, density, *, t=0.0, method: str = "auto") -> jax.Array:
+    r"""$v[\rho](\theta_j)$ at the grid nodes of `density` (N,), for the layer active at depth `t`.
 
     Equal (to float rounding) to the tangential component of `token_velocity` for tokens at the
     nodes $\theta_j$ with weights $2\pi\rho_j/N$ (see the module docstring).
     """
     check_model(model, "density_velocity")
-    rho = jnp.asarray(rho, model.dtype)
+    density = jnp.asarray(density, model.dtype)
     layer = model.at(jnp.asarray(t, model.dtype))
     method = resolve_method(model, method)
-    op = layer_operator(layer, rho.shape[-1], method, rho.dtype)
-    return apply_operator(op, layer, rho)
+    op = layer_operator(layer, density.shape[-1], method, density.dtype)
+    return apply_operator(op, layer, density)
 
 
 # --- particle velocity in O(n P) ----------------------------------------------------------------
@@ -215,10 +215,12 @@ def angle_velocity(model, theta, *, t=0.0, P: int | None = None, weights=None) -
     check_model(model, "angle_velocity")
     layer = model.at(jnp.asarray(t, model.dtype))
     theta = jnp.asarray(theta, model.dtype)
-    return _angle_velocity(layer, theta, P, None if weights is None else jnp.asarray(weights, model.dtype))
+    return layer_angle_velocity(layer, theta, P, None if weights is None else jnp.asarray(weights, model.dtype))
 
 
-def _angle_velocity(layer, theta, P, weights=None):
+def layer_angle_velocity(layer, theta, P, weights=None):
+    """`angle_velocity` of one layer (`model.at(t)`) at angles `theta` (in the layer's dtype), with
+    `P` Fourier modes of the kernel (None: `kernel_modes` chooses) and optional weights."""
     dtype = theta.dtype
     X = to_tokens(theta)
     E = jnp.stack([-jnp.sin(theta), jnp.cos(theta)], axis=-1)

@@ -27,10 +27,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..regimes import REGIMES
+from ..regimes.observed import REGIMES
+from ..rule.band import BAND
 from .style import FigureResult, save_figure
 
-BAND = (0.5, 2.0)
 PROXY = "rule's linear proxy (W_o)"
 DECODER = {
     "full": dict(d=64, layers=12, heads=4, n_tokens=512, rhos=np.logspace(np.log10(0.05), np.log10(20), 16),
@@ -66,8 +66,7 @@ def particle_sweep(quick: bool, out_dir: Path):
     """Run (or resume) the `one_to_one_rule` experiment; quick: 8 rho x beta 1 x seed 0."""
     import yaml
 
-    from ..cli import EXPERIMENTS_DIRS
-    from ..sweep.plan import config_from_dict
+    from ..sweep.plan import EXPERIMENTS_DIRS, config_from_dict
     from ..sweep.run import run_experiment
 
     path = next((d / "one_to_one_rule.yaml" for d in EXPERIMENTS_DIRS if (d / "one_to_one_rule.yaml").is_file()), None)
@@ -140,25 +139,16 @@ def growth_rate_scores(ds, t1: float = 10.0, growth_limit: float = 1e6) -> dict:
 
     $\alpha = \max\operatorname{Re}\operatorname{eig}(a_\text{attn} V + a_\text{mlp} W_2\,\mathrm{gelu}'(0)\,W_1)$,
     $\mathrm{gelu}'(0) = 1/2$ (the field's Jacobian at the origin for uniform attention weights); the a-priori
-    rule is blow-up iff $\alpha t_1 > \log(\text{growth limit})$. Models rebuilt with the sweep's seeding
-    (`Model.random(fold_in(key(seed), 0), d)` then `with_spectral_ratio`). Also the best fitted threshold.
+    rule is blow-up iff $\alpha t_1 > \log(\text{growth limit})$. Models rebuilt as the sweep built them:
+    `sweep.build.build_model` of the run's config with each point's swept values. Also the best fitted threshold.
     """
-    from ..model.params import Model
-    from ..model.spectral import with_spectral_ratio
-    from ..sweep.build import point_keys
-
     s = ds["model.norm"].values.astype(str) == "none"
     if not s.any():
         return {}
-    d = int(yaml_d(ds))
     rho = ds["model.spectral_ratio"].values[s]
-    beta = ds["model.beta"].values[s]
-    seed = ds["seed"].values[s]
     blow = ds["regime"].values[s] == REGIMES.index("blowup")
     alpha = np.empty(len(rho))
-    for i in range(len(rho)):
-        m = Model.random(point_keys(int(seed[i]))[0], d, beta=float(beta[i]), mlp="two_layer", activation="gelu")
-        m = with_spectral_ratio(m, float(rho[i]))
+    for i, m in enumerate(sweep_models(ds, np.flatnonzero(s))):
         J = np.asarray(m.a_attn * m.V, np.float64) + 0.5 * np.asarray(m.a_mlp * (m.W2 @ m.W1), np.float64)
         alpha[i] = np.max(np.linalg.eigvals(J).real)
     thr = np.log(growth_limit) / t1
@@ -169,10 +159,22 @@ def growth_rate_scores(ds, t1: float = 10.0, growth_limit: float = 1e6) -> dict:
             "alpha": alpha}
 
 
-def yaml_d(ds) -> int:
+def sweep_models(ds, points):
+    """The `Model` of each of the run's `points` (positions along ds's point dimension), built the
+    sweep's way: `build_model` of the run's config (`ds.attrs["config_yaml"]`) with the point's swept
+    values, weights from `point_keys(seed)`."""
+    import jax.numpy as jnp
     import yaml
 
-    return yaml.safe_load(ds.attrs["config_yaml"])["model"]["d"]
+    from ..sweep.build import build_model, point_config, point_keys
+    from ..sweep.plan import config_from_dict
+
+    cfg = config_from_dict(yaml.safe_load(ds.attrs["config_yaml"]), check_files=False)
+    dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
+    axes = ds.attrs["sweep_axes"].split()
+    for i in points:
+        pc = point_config(cfg, {a: ds[a].values[i].item() for a in axes})
+        yield build_model(pc.model, point_keys(pc.seed)[0], dtype)
 
 
 # ----------------------------------------------------------------------------- decoder

@@ -26,12 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._display import Summarised, Summary
+
 ATTENTIONS = ("softmax", "unnormalised", "shaped", "none")
 MLPS = ("none", "affine", "two_layer")
 ACTIVATIONS = ("relu", "tanh", "gelu")
 NORMS = ("none", "sphere")
 
-_ALIASES = {
+ATTENTION_ALIASES = {
     "unnormalized": ("unnormalised", False),
     "usa": ("unnormalised", False),
     "sa": ("softmax", False),
@@ -40,6 +42,7 @@ _ALIASES = {
     "causal_unnormalised": ("unnormalised", True),
     "causal_unnormalized": ("unnormalised", True),
 }
+"""Other names `Model(attention=...)` accepts: alias -> (attention, implied causal)."""
 
 _ARRAY_FIELDS = ("Q", "K", "V", "beta", "a_attn", "W", "b", "W1", "b1", "W2", "b2", "a_mlp")
 
@@ -83,7 +86,7 @@ def _as_array(name: str, value: Any, dtype, ndim: int | None) -> jax.Array | Non
     return arr
 
 
-class Model(eqx.Module):
+class Model(Summarised, eqx.Module):
     r"""Parameters of $\dot x_i = a_\text{attn}\mathrm{Attn}(x_i;X) + a_\text{mlp}\mathrm{MLP}(x_i)$.
 
     Attention (`attention=`), with logits $\ell_{ij} = \beta\langle Q x_i, K x_j\rangle$:
@@ -169,8 +172,8 @@ class Model(eqx.Module):
                 "before any array is created."
             )
         attention = attention.lower()
-        if attention in _ALIASES:
-            attention, implied_causal = _ALIASES[attention]
+        if attention in ATTENTION_ALIASES:
+            attention, implied_causal = ATTENTION_ALIASES[attention]
             causal = causal or implied_causal
         self.attention = _choice("attention", attention, ATTENTIONS)
         self.causal = bool(causal)
@@ -401,8 +404,8 @@ class Model(eqx.Module):
         return out
 
     # -- display ------------------------------------------------------------------------
-    def _summary(self) -> list[tuple[str, str]]:
-        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+    def _summary(self) -> Summary:
+        """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
         from .. import _display as D
 
         rows = [("d", str(self.d))]
@@ -426,19 +429,7 @@ class Model(eqx.Module):
         if batch:
             rows.append(("batch", str(tuple(batch))))
         rows.append(("dtype", str(self.dtype)))
-        return rows
-
-    def __repr__(self) -> str:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return eqx.Module.__repr__(self) if rows is None else D.text("Model", rows)
-
-    def _repr_html_(self) -> str | None:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return None if rows is None else D.table("meanfield.Model", rows, _equation(self))
+        return Summary("Model", rows, _equation(self))
 
 
 def _equation(model: "Model") -> str:

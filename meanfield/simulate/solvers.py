@@ -59,19 +59,31 @@ def make_solver(solver) -> tuple[diffrax.AbstractSolver, bool]:
     return FIXED[name](), False
 
 
-def default_tolerances(dtype) -> tuple[float, float]:
-    """(rtol, atol): (3e-6, 3e-8) in float32, (1e-9, 1e-11) in float64.
+ODE_TOLERANCES = {"float32": (3e-6, 3e-8), "float64": (1e-9, 1e-11)}
+"""(rtol, atol) of the token and moment ODEs (and Lyapunov tangent solves), per dtype.
 
-    Float32 was chosen by measurement (`benchmarks/bench_tolerances.py`: consensus on S^2, d = 4
-    Gaussian moments, n = 64 particles, errors against float64 at 1e-10): at 1e-6 / 1e-8 float32 is
-    already at its rounding floor (1e-7 / 1e-9 barely lowers the error but doubles the steps, and a
-    few solves stall on rounding noise); 3e-6 / 3e-8 takes 17-20% fewer steps (median; up to 25% at
-    the max) with errors within 1.3-3.8x of the floor (median) and no new regime-label change;
-    1e-5 / 1e-7 would cost ~10x the floor's error.
-    """
-    if jnp.dtype(dtype) == jnp.float64:
-        return 1e-9, 1e-11
-    return 3e-6, 3e-8
+Float32 was chosen by measurement (`benchmarks/bench_tolerances.py`: consensus on S^2, d = 4
+Gaussian moments, n = 64 particles, errors against float64 at 1e-10): at 1e-6 / 1e-8 float32 is
+already at its rounding floor (1e-7 / 1e-9 barely lowers the error but doubles the steps, and a
+few solves stall on rounding noise); 3e-6 / 3e-8 takes 17-20% fewer steps (median; up to 25% at
+the max) with errors within 1.3-3.8x of the floor (median) and no new regime-label change;
+1e-5 / 1e-7 would cost ~10x the floor's error."""
+
+DENSITY_TOLERANCES = {"float32": (1e-6, 1e-8), "float64": (1e-10, 1e-12)}
+"""(rtol, atol) of the density PDE (`simulate_density`), per dtype: 100x below its tail tolerance
+(`density.pde.default_tail_tol`). An explicit solver under error control lets the stiffest (highest)
+modes sit at about the local error tolerance times the density's RMS/mean ratio; the tail check
+must not see that."""
+
+_TOLERANCES = {"ode": ODE_TOLERANCES, "density": DENSITY_TOLERANCES}
+
+
+def default_tolerances(dtype, problem: str = "ode") -> tuple[float, float]:
+    """(rtol, atol) for `problem` "ode" (`ODE_TOLERANCES`: (3e-6, 3e-8) float32, (1e-9, 1e-11) float64)
+    or "density" (`DENSITY_TOLERANCES`: (1e-6, 1e-8) float32, (1e-10, 1e-12) float64)."""
+    if problem not in _TOLERANCES:
+        raise ValueError(f"default_tolerances: `problem` must be one of {list(_TOLERANCES)}; got {problem!r}.")
+    return _TOLERANCES[problem]["float64" if jnp.dtype(dtype) == jnp.float64 else "float32"]
 
 
 def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None):

@@ -1,2 +1,4 @@
-"""YAML sweeps: config (schema), plan (points and groups), build (config -> model), run
-(batched execution), store (crash-safe files), plots."""
+"""YAML sweeps: config (schema), plan (points and groups; experiment lookup), build (typed config ->
+Model), points (per-point and per-chunk functions), schedule (which process computes which chunk),
+watchdog (stalled chunks), run (lifecycle: run_experiment, merge_run, report), store (crash-safe
+files), plots."""

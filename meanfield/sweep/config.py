@@ -29,16 +29,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..metrics import PARTICLE_OBSERVABLES
-from ..model.params import ACTIVATIONS, ATTENTIONS, _ALIASES
+from ..metrics import observable_names
+from ..model.attention import Blocked, Dense, LowRank
+from ..model.params import ATTENTION_ALIASES, ATTENTIONS
+from ..simulate.attention_policy import Auto
 from ..simulate.solvers import SOLVERS
 
-SHAPED_OBSERVABLES = ("corr_mean", "corr_q10", "corr_q90", "exploded_fraction", "min_eig")
-
-GAUSSIAN_OBSERVABLES = (
-    "cov_trace", "cov_logdet", "cov_condition", "numerical_rank", "effective_rank",
-    "rank_one_distance", "mean_norm",
-)
+DEFAULT_OBSERVABLES = {
+    "particles": ("effective_rank", "stable_rank", "rank_one_distance", "consensus_distance", "mean_cosine", "rms_norm"),
+    "gaussian": ("cov_trace", "cov_logdet", "cov_condition", "numerical_rank", "effective_rank", "rank_one_distance",
+                 "mean_norm"),
+    "shaped_sde": ("corr_mean", "corr_q10", "corr_q90", "exploded_fraction", "min_eig"),
+}
+"""The observables recorded when `observables:` is not given, per simulator (names of `metrics.OBSERVABLES`)."""
 
 
 DEFAULT_MAX_POINTS = 1_000_000
@@ -107,8 +110,8 @@ class ModelConfig(_Strict):
     @field_validator("attention")
     @classmethod
     def _attention(cls, v: str) -> str:
-        if v.lower() not in ATTENTIONS and v.lower() not in _ALIASES:
-            raise ValueError(f"must be one of {list(ATTENTIONS) + sorted(_ALIASES)}; got {v!r}")
+        if v.lower() not in ATTENTIONS and v.lower() not in ATTENTION_ALIASES:
+            raise ValueError(f"must be one of {list(ATTENTIONS) + sorted(ATTENTION_ALIASES)}; got {v!r}")
         return v.lower()
 
     @model_validator(mode="after")
@@ -175,7 +178,7 @@ def _check_covariance(rows: list[list[float]]) -> None:
 
 
 class ShapedConfig(_Strict):
-    """The shaped transformer's kernel SDE (Noci et al. 2023; meanfield.shaped, SHAPED.md)."""
+    """The shaped transformer's kernel SDE (Noci et al. 2023; meanfield.shaped, docs/shaped_sde.md)."""
 
     m: int = Field(2, ge=2, le=64, description="number of tokens (kernel size)")
     rho0: float = Field(0.3, gt=-1, lt=1, description="initial correlation: V0 = (1 - rho0) I + rho0 11^T")
@@ -210,6 +213,69 @@ class LyapunovConfig(_Strict):
 FIXED_STEP_SOLVERS = ("rk4", "euler", "heun", "midpoint")
 
 
+class AutoAttentionConfig(_Strict):
+    """`auto`: the low-rank sum where its a priori bound meets `rtol` and it is faster (from 2048 tokens,
+    small d; the group then runs point by point), else the direct sum (dense up to 4096 tokens)."""
+
+    kind: Literal["auto"] = "auto"
+    rtol: float | None = Field(None, gt=0, lt=1, description="error bound of the low-rank path "
+                                                             "(default 1e-6 float32, 1e-12 float64)")
+
+    def evaluator(self):
+        return Auto(rtol=self.rtol)
+
+
+class DenseAttentionConfig(_Strict):
+    """`dense`: the direct sum with the (n, n) logit matrix."""
+
+    kind: Literal["dense"] = "dense"
+
+    def evaluator(self):
+        return Dense()
+
+
+class BlockedAttentionConfig(_Strict):
+    """`blocked`: the direct sum by the online softmax over key blocks (O(n) memory)."""
+
+    kind: Literal["blocked"] = "blocked"
+    block_size: int = Field(1024, ge=1, le=1 << 16, description="tokens per block")
+
+    def evaluator(self):
+        return Blocked(block_size=self.block_size)
+
+
+class LowRankAttentionConfig(_Strict):
+    """`lowrank`: separable Chebyshev attention for d <= 4 (orders planned per group; points then run one
+    at a time, unvmapped, so the in-jit fallback to the blocked sum stays a real branch)."""
+
+    kind: Literal["lowrank"] = "lowrank"
+    rtol: float | None = Field(None, gt=0, lt=1, description="error bound of the low-rank path "
+                                                             "(default 1e-6 float32, 1e-12 float64)")
+
+    def evaluator(self):
+        return LowRank(rtol=self.rtol)
+
+
+AttentionConfig = Annotated[
+    AutoAttentionConfig | DenseAttentionConfig | BlockedAttentionConfig | LowRankAttentionConfig,
+    Field(discriminator="kind"),
+]
+"""`simulator.attention`: one of the evaluators `meanfield.Auto`, `Dense`, `Blocked`, `LowRank`, by `kind`."""
+
+REPLACED_ATTENTION_KEYS = ("attention_impl", "attention_method", "attention_rtol")
+"""Simulator keys of earlier versions, refused with the `attention` value that replaces them."""
+
+
+def _attention_replacement(data: dict) -> str:
+    """The `simulator.attention` value (YAML) equivalent to the replaced keys in `data`."""
+    impl, method, rtol = (data.get(k) for k in REPLACED_ATTENTION_KEYS)
+    if method == "lowrank":
+        return "lowrank" if rtol is None else f"{{kind: lowrank, rtol: {rtol}}}"
+    if impl in ("dense", "blocked"):
+        return impl
+    return "auto" if rtol is None else f"{{kind: auto, rtol: {rtol}}}"
+
+
 class SimulatorConfig(_Strict):
     kind: Literal["particles", "gaussian", "shaped_sde"] = "particles"
     t1: float = Field(10.0, gt=0, description="final depth")
@@ -219,13 +285,27 @@ class SimulatorConfig(_Strict):
     rtol: float | None = Field(None, gt=0)
     atol: float | None = Field(None, gt=0)
     max_steps: int = Field(16_384, ge=1)
-    attention_impl: Literal["auto", "dense", "blocked"] = "auto"
-    attention_method: Literal["direct", "lowrank"] = Field(
-        "direct", description="lowrank: separable Chebyshev attention for d <= 4 (orders planned per group; "
-                              "points then run one at a time, unvmapped, so the in-jit fallback stays a real branch)")
-    attention_rtol: float | None = Field(None, gt=0, lt=1, description="error bound of the lowrank path")
+    attention: AttentionConfig = Field(
+        default_factory=AutoAttentionConfig,
+        description="attention evaluator of particle simulations: auto | dense | blocked | lowrank, or a mapping "
+                    "such as {kind: blocked, block_size: 512} / {kind: lowrank, rtol: 1.0e-4}")
     blowup_threshold: float | None = Field(None, gt=1)
     lyapunov: LyapunovConfig | None = Field(None, description="also compute Lyapunov exponents (particles, gaussian)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_attention_keys(cls, data):
+        if isinstance(data, dict):
+            for key in REPLACED_ATTENTION_KEYS:
+                if key in data:
+                    raise ValueError(f"simulator.{key} was replaced by simulator.attention: "
+                                     f"{_attention_replacement(data)}")
+        return data
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _attention_shorthand(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _fixed_step(self):
@@ -397,21 +477,16 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"simulator.dt0: t1 / dt0 must be an integer >= n_save - 1; got t1 = {sim.t1}, dt0 = {sim.dt0}")
             if sim.lyapunov is not None:
                 raise ValueError("simulator.lyapunov: not available for shaped_sde (a stochastic kernel flow)")
-            for name in self.observables or ():
-                if name not in SHAPED_OBSERVABLES:
-                    raise ValueError(f"observables: {name!r} is not available for shaped_sde; allowed: {list(SHAPED_OBSERVABLES)}")
+            self._check_observables()
             return self
         if model is None:
             raise ValueError(f"model: required for the {sim.kind} simulator")
-        if sim.attention_method == "lowrank":
+        if sim.attention.kind == "lowrank":
             if sim.kind != "particles":
-                raise ValueError(f"simulator.attention_method: 'lowrank' is for particle simulations; got kind {sim.kind!r}")
+                raise ValueError(f"simulator.attention: 'lowrank' is for particle simulations; got kind {sim.kind!r}")
             if model.attention not in ("softmax", "unnormalised", "causal"):
-                raise ValueError("simulator.attention_method: 'lowrank' needs softmax or unnormalised attention; "
+                raise ValueError("simulator.attention: 'lowrank' needs softmax or unnormalised attention; "
                                  f"got model.attention = {model.attention!r}")
-            if sim.lyapunov is not None:
-                raise ValueError("simulator.attention_method: 'lowrank' cannot be combined with simulator.lyapunov "
-                                 "(the tangent solve uses the direct sum)")
         if sim.lyapunov is not None:
             if sim.kind == "particles":  # on the sphere: the product of spheres' dimension
                 dim = init.n * (model.d - 1 if model.norm == "sphere" else model.d)
@@ -421,10 +496,7 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"simulator.lyapunov.k: at most the state dimension {dim}; got {sim.lyapunov.k}")
             if sim.lyapunov.discard >= sim.t1:
                 raise ValueError(f"simulator.lyapunov.discard: must be < t1 = {sim.t1}; got {sim.lyapunov.discard}")
-        allowed = GAUSSIAN_OBSERVABLES if sim.kind == "gaussian" else tuple(PARTICLE_OBSERVABLES) + ("cluster_count",)
-        for name in self.observables or ():
-            if name not in allowed:
-                raise ValueError(f"observables: {name!r} is not available for {sim.kind}; allowed: {list(allowed)}")
+        self._check_observables()
         if sim.kind == "gaussian":
             if init.kind != "gaussian":
                 raise ValueError(f"initial.kind: the gaussian simulator needs kind 'gaussian'; got {init.kind!r}")
@@ -434,8 +506,8 @@ class ExperimentConfig(_Strict):
             # The closure depends on the structural choices alone: a plain probe (building a Model
             # here cost 3 ms per sweep point, 43 s of planning for 10^4 points).
             attention, causal = model.attention.lower(), model.causal
-            if attention in _ALIASES:
-                attention, implied = _ALIASES[attention]
+            if attention in ATTENTION_ALIASES:
+                attention, implied = ATTENTION_ALIASES[attention]
                 causal = causal or implied
             why = gaussian_closure_error(SimpleNamespace(attention=attention, causal=causal, mlp=model.mlp,
                                                          norm=model.norm))
@@ -450,6 +522,14 @@ class ExperimentConfig(_Strict):
         if init.direction is not None and len(init.direction) != model.d:
             raise ValueError(f"initial.direction: must hold d = {model.d} values")
         return self
+
+    def _check_observables(self) -> None:
+        """Every named observable must be one the simulator can record (`metrics.OBSERVABLES`)."""
+        allowed = observable_names(self.simulator.kind)
+        for name in self.observables or ():
+            if name not in allowed:
+                raise ValueError(f"observables: {name!r} is not available for {self.simulator.kind}; "
+                                 f"allowed: {list(allowed)}")
 
     def _check_plots(self) -> None:
         """Plot axes must be swept and plot observables recorded: a typo fails here, not after the run."""
@@ -473,8 +553,4 @@ class ExperimentConfig(_Strict):
         """The observables recorded over depth (defaults per simulator)."""
         if self.observables:
             return list(self.observables)
-        if self.simulator.kind == "shaped_sde":
-            return list(SHAPED_OBSERVABLES)
-        if self.simulator.kind == "gaussian":
-            return list(GAUSSIAN_OBSERVABLES)
-        return ["effective_rank", "stable_rank", "rank_one_distance", "consensus_distance", "mean_cosine", "rms_norm"]
+        return list(DEFAULT_OBSERVABLES[self.simulator.kind])

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 from pydantic import ValidationError
 
+from ..model.attention import DENSE_MAX_TOKENS
 from .config import ExperimentConfig, axis_values, float32_overflow
 
 STATIC_PATHS = frozenset(
@@ -190,6 +191,24 @@ def parse_yaml(text: str, source: str):
     finally:
         if loader is not None:
             loader.dispose()
+
+
+EXPERIMENTS_DIRS = (Path.cwd() / "experiments", Path(__file__).resolve().parents[2] / "experiments")
+"""Where shipped experiments are looked up by name: ./experiments, then the repository's."""
+
+
+def find_experiment(file: str) -> str:
+    """An existing path (or any name with a suffix) as given, else the shipped experiment of that name
+    (`quickstart` -> experiments/quickstart.yaml, the first of `EXPERIMENTS_DIRS` holding it), else
+    `file` unchanged (`load_config` then names it as missing)."""
+    p = Path(file)
+    if p.exists() or p.suffix:
+        return file
+    for d in EXPERIMENTS_DIRS:
+        cand = d / f"{file}.yaml"
+        if cand.is_file():
+            return str(cand)
+    return file
 
 
 def load_config(path: str | Path, *, check_files: bool = True) -> ExperimentConfig:
@@ -401,8 +420,9 @@ def memory_estimate(cfg: ExperimentConfig, ensemble: bool) -> tuple[int, int]:
         return item * (64 * d * d + 256), item * sim.n_save * (2 * d * d + n_obs)
     n = cfg.initial.n
     h = cfg.model.hidden or 4 * d
-    dense = sim.attention_impl == "dense" or (sim.attention_impl == "auto" and n <= 4096)
-    attn = n * n if dense else 1024 * 1024
+    kind = sim.attention.kind  # auto and lowrank: sized as their direct sum (the fallback)
+    dense = kind == "dense" or (kind != "blocked" and n <= DENSE_MAX_TOKENS)
+    attn = n * n if dense else getattr(sim.attention, "block_size", 1024) ** 2
     lane = item * (6 * attn + 40 * n * max(d, h))
     if ensemble:  # saved token states of every point, then observables
         return lane, item * (sim.n_save * (n * d + n_obs) + 2 * n * d)

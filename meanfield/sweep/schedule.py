@@ -16,6 +16,7 @@ a 1-core run of the benchmark workload). Fast processes still take more chunks w
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
 from .plan import Plan
-from .store import ChunkIndex, atomic_write_dataset, chunk_path
+from .points import (auto_chunk_size, make_chunk_function, make_point_function, may_use_lowrank,
+                     plan_group_attention, uses_ensemble)
+from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
+from .watchdog import StallWatch
 
 CHUNKS_PER_PROCESS = 1
 POLL_SECONDS = 1.0
+POINT_INDEX = "__point__"
+"""Key of a chunk's global point indices among its traced values: every chunk function gets a batch
+axis from it even when no number varies (the point functions ignore it)."""
+
+
+def log(msg: str, quiet: bool) -> None:
+    """A progress line: on stdout, or on stderr when `quiet` (stdout then stays for results)."""
+    print(msg, file=sys.stderr if quiet else sys.stdout, flush=True)
 
 
 @dataclass
@@ -70,13 +82,11 @@ class WorkStats:
 
 def chunk_grid(plan: Plan, n_dev: int, n_proc: int) -> list[Chunk]:
     """Every group's chunks, from the plan alone (the same in every process of a launch)."""
-    from .run import auto_chunk_size
-
     grid = []
     for gi, group in enumerate(plan.groups):
         cfg = group.config
         n = len(group.indices)
-        if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
+        if may_use_lowrank(cfg):
             size = n_dev  # one point per device and chunk (see make_point_function)
         else:
             size = auto_chunk_size(cfg, n_dev, group.traced_paths)
@@ -111,7 +121,7 @@ class _Compiled:
         fn = self.fns[gi] if gi in self.fns else self._build(gi)
         if not hasattr(fn, "lower"):  # the low-rank path: a Python loop over jitted points
             return fn
-        key = (gi, len(values["__point__"]))
+        key = (gi, len(values[POINT_INDEX]))
         if key not in self.executables:
             t0 = time.perf_counter()
             self.executables[key] = fn.lower(values).compile()
@@ -119,33 +129,29 @@ class _Compiled:
         return self.executables[key]
 
     def _build(self, gi: int):
-        from .run import _log, _uses_ensemble, make_chunk_function, make_point_function, plan_group_orders
-
         group = self.plan.groups[gi]
         cfg = group.config
         tokens = self.tokens.get(gi)
-        orders = None
-        if cfg.simulator.kind == "particles" and cfg.simulator.attention_method == "lowrank":
-            orders = plan_group_orders(cfg, group, tokens)
-        if orders is None and _uses_ensemble(cfg, group.traced_paths):
+        lowrank = plan_group_attention(cfg, group, tokens)
+        if lowrank is None and uses_ensemble(cfg, group.traced_paths):
             # The ensemble integrator: each device runs its own pool over its share of the chunk.
             chunk = make_chunk_function(cfg, group.traced_paths, tokens, lanes=cfg.output.lanes)
             if self.mesh is not None:
                 chunk = jax.shard_map(chunk, mesh=self.mesh, in_specs=PartitionSpec("points"),
                                       out_specs=PartitionSpec("points"), check_vma=False)
             fn = jax.jit(chunk)
-        elif orders is None:
+        elif lowrank is None:
             fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, tokens)))
         else:
             # One point at a time, unvmapped: the in-jit fallback of the low-rank attention stays a real branch.
-            one = jax.jit(make_point_function(cfg, group.traced_paths, tokens, attention_orders=orders))
+            one = jax.jit(make_point_function(cfg, group.traced_paths, tokens, attention=lowrank))
 
             def fn(values):
-                outs = [one({p: v[i] for p, v in values.items()}) for i in range(len(values["__point__"]))]
+                outs = [one({p: v[i] for p, v in values.items()}) for i in range(len(values[POINT_INDEX]))]
                 return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-            _log(f"[{self.plan.config.name}] low-rank attention, Chebyshev orders {orders} "
-                 f"({int(np.prod(orders))} features), one point per chunk", self.quiet)
+            log(f"[{self.plan.config.name}] low-rank attention, Chebyshev orders {lowrank.orders} "
+                 f"({int(np.prod(lowrank.orders))} features), one point per chunk", self.quiet)
         self.fns[gi] = fn
         return fn
 
@@ -156,8 +162,6 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
     `run_dir/chunks` (by this process or its peers). `index`: the run's chunk files (refreshed here);
     `tokens`: group index -> its initial tokens from a file (`run.group_file_tokens`), where it has
     one. Returns what this process did."""
-    from .run import _StallWatch, _chunk_dataset, _log
-
     t_start = time.perf_counter()
     n_proc, proc = jax.process_count(), jax.process_index()
     devices = jax.local_devices()
@@ -189,17 +193,17 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
         size = c.size if len(todo) > c.size // 2 else -(-len(todo) // n_dev) * n_dev
         sel = np.concatenate([todo, np.repeat(todo[-1:], size - len(todo))])
         values = {p: np.asarray(v[sel]) for p, v in group.values.items()}
-        values["__point__"] = group.indices[sel]  # a batch axis even when no number varies
+        values[POINT_INDEX] = group.indices[sel]  # a batch axis even when no number varies
         t0 = time.perf_counter()
         with jax.enable_x64(cfg.dtype == "float64"):
             if mesh is not None:
                 sharding = NamedSharding(mesh, PartitionSpec("points"))
                 values = {p: jax.device_put(v, sharding) for p, v in values.items()}
             fn = compiled(c.group, values)
-            with _StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
+            with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
                 out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
         idx = group.indices[todo]
-        atomic_write_dataset(_chunk_dataset(plan, cfg, idx, out, h), chunk_path(run_dir, int(idx.min()), int(idx.max())))
+        atomic_write_dataset(chunk_dataset(plan, idx, out, h), chunk_path(run_dir, int(idx.min()), int(idx.max())))
         index.add(idx)
         dt = time.perf_counter() - t0
         stats.points += len(todo)
@@ -208,7 +212,7 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
         if bar is not None:
             bar.update(len(todo))
         else:
-            _log(f"{tag} chunk of {len(todo)} points in {dt:.2f} s ({stats.points}/{remaining})", quiet)
+            log(f"{tag} chunk of {len(todo)} points in {dt:.2f} s ({stats.points}/{remaining})", quiet)
         if pause:
             time.sleep(pause)
 

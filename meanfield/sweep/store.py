@@ -28,11 +28,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
 
+from ..metrics import OBSERVABLES
+from ..regimes import REGIMES
 from .claims import HOST, pid_alive
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 ENGINE = "h5netcdf"
 
@@ -286,3 +292,37 @@ def read_tokens_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if not np.all(np.isfinite(X)):
         raise ValueError(f"{path}: holds {int(np.sum(~np.isfinite(X)))} non-finite values (NaN or inf)")
     return X
+
+OUTPUT_ATTRS = {
+    "regime": {"long_name": "regime", "flag_values": np.arange(len(REGIMES), dtype=np.int8),
+               "flag_meanings": " ".join(REGIMES)},
+    "blowup_time": {"long_name": "blow-up depth (inf: none; nan: the solve failed)", "units": "depth"},
+    "t": {"long_name": "depth", "units": "depth"},
+    "success": {"long_name": "solver reached t1 or a blow-up event (0: stopped early, e.g. max_steps, or "
+                             "non-finite; regime 'failed', observables nan)", "units": "1"},
+    "lyapunov": {"long_name": "leading Lyapunov exponents over [discard, t1] (QR method; nan: the state left float "
+                              "range)", "units": "1/depth"},
+}
+"""CF attributes of a sweep's outputs other than the observables (those: `metrics.OBSERVABLES`)."""
+
+
+def chunk_dataset(plan: Plan, idx: np.ndarray, out: dict, h: str) -> xr.Dataset:
+    """One chunk's outputs (name -> array over its points `idx`) as a dataset with CF attributes
+    (`metrics.OBSERVABLES`, `OUTPUT_ATTRS`) and the plan's sweep coordinates, stamped with the run's
+    config hash `h`."""
+    T = out["t"].shape[1]
+    t = np.asarray(out["t"])
+    depth = t[0] if np.allclose(t, t[:1]) and "simulator.t1" not in plan.axes else np.arange(T)
+    data = {}
+    for name, arr in out.items():
+        arr = np.asarray(arr)
+        dims = ("point", "exponent") if name == "lyapunov" else ("point", "depth") if arr.ndim == 2 else ("point",)
+        if name in OBSERVABLES:
+            attrs = {"long_name": OBSERVABLES[name].long_name, "units": OBSERVABLES[name].units}
+        else:
+            attrs = dict(OUTPUT_ATTRS.get(name, {}))
+        data[name] = (dims, arr, attrs)
+    coords = {"point": idx, "depth": ("depth", depth, {"long_name": "depth t", "units": "depth"})}
+    for axis in plan.axes:
+        coords[axis] = ("point", coordinate_array([plan.points[i].get(axis) for i in idx]))
+    return xr.Dataset(data, coords=coords, attrs={"config_hash": h})
