@@ -21,9 +21,10 @@ from .model.spectral import spectral_ratio as spectral_ratio
 from .model.spectral import with_spectral_ratio as with_spectral_ratio
 from .regimes import classify as classify
 from .regimes import REGIMES as REGIMES
-from .initial import sphere_uniform as sphere_uniform
-from .initial import hemisphere as hemisphere
-from .initial import gaussian_tokens as gaussian_tokens
+from . import regimes as regimes
+from .initial_tokens import sphere_uniform as sphere_uniform
+from .initial_tokens import hemisphere as hemisphere
+from .initial_tokens import gaussian_tokens as gaussian_tokens
 from .simulate.gaussian import GaussianSolution as GaussianSolution
 from .simulate.gaussian import simulate_gaussian as simulate_gaussian
 from .simulate.particles import ParticleSolution as ParticleSolution
@@ -54,27 +55,31 @@ from .lyapunov import layer_lyapunov as layer_lyapunov  # noqa: E402
 from .lyapunov import lyapunov_spectrum as lyapunov_spectrum  # noqa: E402
 from .lyapunov import particle_lyapunov as particle_lyapunov  # noqa: E402
 
-from .model.fast_attention import LowRankInfo as LowRankInfo  # noqa: E402
-from .model.fast_attention import choose_orders as choose_orders  # noqa: E402
-from .model.fast_attention import lowrank_attention as lowrank_attention  # noqa: E402
-from .model.fast_attention import truncation_bound as truncation_bound  # noqa: E402
+from .model.attention import Blocked as Blocked  # noqa: E402
+from .model.attention import Dense as Dense  # noqa: E402
+from .model.attention import LowRank as LowRank  # noqa: E402
+from .model.lowrank import LowRankInfo as LowRankInfo  # noqa: E402
+from .model.lowrank import choose_orders as choose_orders  # noqa: E402
+from .model.lowrank import lowrank_attention as lowrank_attention  # noqa: E402
+from .model.lowrank import truncation_bound as truncation_bound  # noqa: E402
+from .simulate.attention_policy import Auto as Auto  # noqa: E402
 
-__all__ += ["lowrank_attention", "choose_orders", "truncation_bound", "LowRankInfo"]
+__all__ += ["Dense", "Blocked", "LowRank", "Auto", "lowrank_attention", "choose_orders", "truncation_bound",
+            "LowRankInfo"]
 __all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "particle_lyapunov", "gaussian_lyapunov",
             "layer_lyapunov", "decoder_lyapunov"]
 
 from . import checkpoints as checkpoints  # noqa: E402
 from . import control as control  # noqa: E402
-from . import criteria as criteria  # noqa: E402
 from . import density as density  # noqa: E402
 from . import nets as nets  # noqa: E402
 from .checkpoints import layer_matrices as layer_matrices  # noqa: E402
 from .control import SteerResult as SteerResult  # noqa: E402
 from .control import bures_wasserstein as bures_wasserstein  # noqa: E402
 from .control import steer as steer  # noqa: E402
-from .criteria import predict_regime as predict_regime  # noqa: E402
+from .regimes import predict_regime as predict_regime  # noqa: E402
 from .density import DensitySolution as DensitySolution  # noqa: E402
 from .density import simulate_density as simulate_density  # noqa: E402
 
-__all__ += ["checkpoints", "control", "criteria", "density", "nets", "layer_matrices", "steer", "SteerResult",
+__all__ += ["checkpoints", "control", "regimes", "density", "nets", "layer_matrices", "steer", "SteerResult",
             "bures_wasserstein", "predict_regime", "simulate_density", "DensitySolution"]

@@ -9,6 +9,7 @@ compile, no indexing of device arrays) and never reads a large array's values. T
 from __future__ import annotations
 
 import html
+from typing import NamedTuple
 
 import numpy as np
 
@@ -102,13 +103,46 @@ def span(ts) -> str:
     return out if len(shp) == 1 else f"{out} (batch {shp[:-1]})"
 
 
-def summary(obj):
+class Summary(NamedTuple):
+    """What a result shows: `name` (`__repr__` prints `name(key=value, ...)`, the HTML table is headed
+    `meanfield.<name>`), `rows` of (key, value) strings, and a one-line `note` under the HTML table."""
+
+    name: str
+    rows: list[tuple[str, str]]
+    note: str = ""
+
+
+def summary(obj) -> Summary | None:
     """`obj._summary()`, or None when the object is not a plain result (e.g. a model after
     `eqx.partition` or `jax.tree.map`, whose leaves are None or shapes): display must never raise."""
     try:
         return obj._summary()
     except Exception:
         return None
+
+
+class Summarised:
+    """Mixin: `__repr__` and `_repr_html_` from one method, `_summary() -> Summary`.
+
+    List it first among the bases (`class Solution(Summarised, eqx.Module)`), so that its methods
+    come before the base's; it adds no fields and no state (`__slots__ = ()`), so pytrees, `jit` and
+    equality are unchanged. When `_summary` raises, `__repr__` falls back to the next base's own
+    (equinox's tree printout, a NamedTuple's) and `_repr_html_` returns None (IPython then shows the
+    text). A `typing.NamedTuple` cannot take a mixin itself: subclass it
+    (`class Result(Summarised, _ResultFields): __slots__ = ()`)."""
+
+    __slots__ = ()
+
+    def _summary(self) -> Summary:
+        raise NotImplementedError(f"{type(self).__name__} must define _summary()")
+
+    def __repr__(self) -> str:
+        shown = summary(self)
+        return super().__repr__() if shown is None else text(shown.name, shown.rows)
+
+    def _repr_html_(self) -> str | None:
+        shown = summary(self)
+        return None if shown is None else table(f"meanfield.{shown.name}", shown.rows, shown.note)
 
 
 def text(name: str, rows: list[tuple[str, str]]) -> str:

@@ -11,7 +11,6 @@ import pytest
 from safetensors.flax import save_file as save_flax
 from safetensors.numpy import save_file
 
-from meanfield import rule
 from meanfield.checkpoints import CheckpointError, cli, layer_matrices, load_checkpoint, value_matrix
 
 L = 2

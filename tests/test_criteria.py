@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg as sla
 
 import meanfield as mf
-from meanfield.criteria import predict_regime, scalar_regime, simulated_regime, validation_grid
+from meanfield.regimes.predicted import predict_regime, scalar_regime, simulated_regime, validation_grid
 
 
 def _scalar(v, a, w):

@@ -119,10 +119,10 @@ def test_batched_solution_and_pytree_unchanged(sphere_run):
 def test_density_and_lyapunov_summaries():
     T, N = 5, 32
     dens = DensitySolution(ts=np.linspace(0, 1, T), theta=np.linspace(0, 2 * np.pi, N, endpoint=False),
-                           rho=np.full((T, N), 1 / (2 * np.pi)), modes=np.full(T, N), tail=np.zeros(T),
+                           density=np.full((T, N), 1 / (2 * np.pi)), modes=np.full(T, N), tail=np.zeros(T),
                            min_ratio=np.ones(T), mass=np.ones(T), t_end=1.0, resolved=True, refinements=[],
                            num_steps=12)
-    assert repr(dens) == ("DensitySolution(ts=[0, 1] x 5, rho=(5, 32) float64, modes=[32], t_end=1, "
+    assert repr(dens) == ("DensitySolution(ts=[0, 1] x 5, density=(5, 32) float64, modes=[32], t_end=1, "
                           "resolved=True, refinements=0, num_steps=12)")
     assert "<table" in dens._repr_html_()
     res = mf.LyapunovResult(exponents=jnp.array([0.5, -1.0]), running=jnp.zeros((4, 2)),
@@ -156,3 +156,54 @@ def test_display_never_raises_on_non_result_pytrees(sphere_run):
     assert static._repr_html_() is None  # IPython falls back to the text
     shapes = jax.tree.map(lambda x: getattr(x, "shape", x), sol)
     assert repr(shapes).startswith("ParticleSolution(")
+
+
+def test_summarised_mixin_on_modules_namedtuples_and_dataclasses(sphere_run):
+    """Every result class takes its `__repr__` / `_repr_html_` from `_display.Summarised`; the mixin adds no
+    fields, so an equinox Module, a NamedTuple (via a fields base) and a frozen dataclass keep their structure."""
+    import dataclasses
+    from typing import NamedTuple
+
+    import equinox as eqx
+
+    from meanfield._display import Summarised, Summary
+
+    for cls in (mf.Model, mf.ParticleSolution, mf.GaussianSolution, mf.LyapunovResult, DensitySolution):
+        assert issubclass(cls, Summarised), cls
+        assert "__repr__" not in cls.__dict__ and "_repr_html_" not in cls.__dict__, cls
+
+    class Box(Summarised, eqx.Module):
+        a: jax.Array
+
+        def _summary(self):
+            return Summary("Box", [("a", str(self.a.shape))], "a note")
+
+    class _PairFields(NamedTuple):
+        x: object
+        y: object
+
+    class Pair(Summarised, _PairFields):
+        __slots__ = ()
+
+        def _summary(self):
+            return Summary("Pair", [("x", str(self.x.shape))])
+
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Host(Summarised):
+        n: int
+
+        def _summary(self):
+            return Summary("Host", [("n", str(self.n))])
+
+    box = Box(jnp.ones(3))
+    assert repr(box) == "Box(a=(3,))" and "meanfield.Box" in box._repr_html_() and "a note" in box._repr_html_()
+    assert len(jax.tree.leaves(box)) == 1 and repr(jax.jit(lambda b: b)(box)) == "Box(a=(3,))"
+    pair = Pair(np.ones(2), 2)
+    assert repr(pair) == "Pair(x=(2,))" and pair[1] == 2 and pair._fields == ("x", "y")
+    assert not hasattr(pair, "__dict__") and len(jax.tree.leaves(pair)) == 2
+    assert type(jax.tree.map(lambda v: v + 1, pair)) is Pair
+    assert repr(Host(4)) == "Host(n=4)"
+    # a summary that cannot be built: the next base's own repr, and no HTML
+    empty = jax.tree.map(lambda _: None, box)
+    assert "Box(" in repr(empty) and "a=None" in repr(empty) and empty._repr_html_() is None
+    assert repr(Pair(1, 2)) == "Pair(x=1, y=2)" and Pair(1, 2)._repr_html_() is None

@@ -203,9 +203,9 @@ def test_shaped_sde_refuses_bad_numbers(key):
 def test_density_refuses_bad_numbers():
     circle = mf.Model(Q=I2, K=I2, V=I2, norm="sphere")
     rho = np.full(16, 1 / (2 * np.pi))
-    with pytest.raises(ValueError, match="simulate_density: `rho0` must be finite"):
+    with pytest.raises(ValueError, match="simulate_density: `density0` must be finite"):
         simulate_density(circle, np.where(np.arange(16) == 3, np.nan, rho), 1.0)
-    with pytest.raises(ValueError, match="simulate_density: `rho0` must give finite values"):
+    with pytest.raises(ValueError, match="simulate_density: `density0` must give finite values"):
         simulate_density(circle, lambda th: jnp.full_like(th, NAN), 1.0, modes=16)
     with pytest.raises(ValueError, match="simulate_density: `t1`"):
         simulate_density(circle, rho, NAN)

@@ -1,8 +1,8 @@
-"""Shaped transformer (Noci et al. 2023) vs its kernel SDE, against SHAPED.md's verified numbers.
+"""Shaped transformer (Noci et al. 2023) vs its kernel SDE, against the numbers of docs/shaped_sde.md.
 
 Statistical tolerances are stated per test. A control variate is a term with exactly zero mean,
 computed from the same standard normals the simulator consumed; we subtract it to cut the
-variance of one-step drift estimates (SHAPED.md §3).
+variance of one-step drift estimates (docs/shaped_sde.md §3).
 """
 
 import math
@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from meanfield.shaped import network as net
+from meanfield.shaped import finite_width as net
 from meanfield.shaped import sde
 
 V0_M3 = np.array([[1.0, 0.6, 0.2], [0.6, 1.3, -0.1], [0.2, -0.1, 0.8]])
 IU = np.triu_indices(3)  # entries (11, 12, 13, 22, 23, 33)
 ATTN = dict(gamma_attn2=0.5, gamma_mlp2=0.0, tau0=0.5, c_plus=0.0, c_minus=0.0)
 MLP = dict(gamma_attn2=0.0, gamma_mlp2=0.5, tau0=0.5, c_plus=1.0, c_minus=-1.0)
-B_ATTN_REF = np.array([0.2356, 0.1127, 0.0524, 0.3842, -0.0182, 0.3164])  # SHAPED.md §3
-B_MLP_REF = np.array([0.0, 0.1145, 0.1919, 0.0, 0.3762, 0.0])  # SHAPED.md §3
+B_ATTN_REF = np.array([0.2356, 0.1127, 0.0524, 0.3842, -0.0182, 0.3164])  # docs/shaped_sde.md §3
+B_MLP_REF = np.array([0.0, 0.1145, 0.1919, 0.0, 0.3762, 0.0])  # docs/shaped_sde.md §3
 FIG = dict(gamma_attn2=0.3, gamma_mlp2=0.2, tau0=0.5, c_plus=1.0, c_minus=-1.0)
 
 
@@ -36,14 +36,14 @@ def test_drift_formula_reproduces_reference_numbers(x64):
     V = jnp.asarray(V0_M3)
     np.testing.assert_allclose(np.asarray(sde.shaped_drift(V, **ATTN))[IU], B_ATTN_REF, atol=1e-3 * 0.51)
     np.testing.assert_allclose(np.asarray(sde.shaped_drift(V, **MLP))[IU], B_MLP_REF, atol=1e-3 * 0.51)
-    # m = 2: the u-term vanishes and attention's drift is proportional to V (SHAPED.md §4).
+    # m = 2: the u-term vanishes and attention's drift is proportional to V (docs/shaped_sde.md §4).
     V2 = jnp.array([[1.0, 0.3], [0.3, 2.0]])
     b2 = sde.shaped_drift(V2, gamma_attn2=0.5, gamma_mlp2=0.0, tau0=0.5)
     np.testing.assert_allclose(b2 / V2, jnp.full((2, 2), b2[0, 0] / V2[0, 0]), rtol=1e-12)
 
 
 def _attention_drift_estimate(key, n, n_samples, *, gamma_attn2, tau0, n_k=16):
-    """n (dV - C) per sample, for the fast attention sub-layer at V0_M3.
+    """n (dV - C) per sample, for the in-law attention sub-layer (`attention_in_law`) at V0_M3.
 
     C = lam gam (XY^T + YX^T)/n + gam^2 (YY^T/n - V) + gam^2 (S YY^T/n + YY^T S^T/n)
         + lam gam (XY^T S^T + S YX^T)/n,
@@ -62,7 +62,7 @@ def _attention_drift_estimate(key, n, n_samples, *, gamma_attn2, tau0, n_k=16):
         k1, k2, k3 = jax.random.split(k, 3)
         noise = dict(N_Q=jax.random.normal(k1, (m, n_k)), N_K=jax.random.normal(k2, (m, n_k)),
                      N_V=jax.random.normal(k3, (m, n)))
-        dV = net.gram(net.fast_attention(X, noise, gamma_attn2=gamma_attn2, tau0=tau0)) - V
+        dV = net.gram(net.attention_in_law(X, noise, gamma_attn2=gamma_attn2, tau0=tau0)) - V
         Y, Q, K = L0 @ noise["N_V"], L0 @ noise["N_Q"], L0 @ noise["N_K"]
         S = (Q @ K.T / tau) @ P / m
         YY, XY = Y @ Y.T / n, X @ Y.T / n
@@ -74,7 +74,7 @@ def _attention_drift_estimate(key, n, n_samples, *, gamma_attn2, tau0, n_k=16):
 
 
 def _mlp_drift_estimate(key, n, n_samples, *, gamma_mlp2, c_plus, c_minus):
-    """n (dV - C) per sample, for the fast MLP sub-layer at V0_M3.
+    """n (dV - C) per sample, for the in-law MLP sub-layer (`mlp_in_law`) at V0_M3.
 
     With U = chol(V) N_pre, H = phi(U), R = chol(HH^T/n) N_post:
     C = lam gam sqrt(c) (XR^T + RX^T)/n + gam^2 c (RR^T - HH^T)/n + gam^2 (UU^T/n - V)
@@ -91,7 +91,7 @@ def _mlp_drift_estimate(key, n, n_samples, *, gamma_mlp2, c_plus, c_minus):
     def one(k):
         k1, k2 = jax.random.split(k)
         noise = dict(N_pre=jax.random.normal(k1, (m, n)), N_post=jax.random.normal(k2, (m, n)))
-        dV = net.gram(net.fast_mlp(X, noise, gamma_mlp2=gamma_mlp2, c_plus=c_plus, c_minus=c_minus)) - V
+        dV = net.gram(net.mlp_in_law(X, noise, gamma_mlp2=gamma_mlp2, c_plus=c_plus, c_minus=c_minus)) - V
         U = L0 @ noise["N_pre"]
         H = net.shaped_leaky_relu(U, s_plus=s_plus, s_minus=s_minus)
         HH = H @ H.T / n
@@ -116,7 +116,7 @@ def _check_drift(samples, reference, *, bias):
 
 def test_one_step_drift_attention_matches_sde(key):
     """n E[dV] of one attention sub-layer at n = 256 vs b(V0). Tolerance: 4 SE (SE ~ .002-.005 with the
-    control variate, N = 2e4) + .008 for the O(1/n) finite-width bias (SHAPED.md §3: entry 22 is
+    control variate, N = 2e4) + .008 for the O(1/n) finite-width bias (docs/shaped_sde.md §5: entry 22 is
     .3793 at n = 256 vs .3842)."""
     samples = _attention_drift_estimate(key, 256, 20_000, gamma_attn2=0.5, tau0=0.5)
     theory = np.asarray(sde.shaped_drift(jnp.asarray(V0_M3), **ATTN))[IU]
@@ -158,7 +158,7 @@ def test_em_noise_has_exact_diffusion_covariance(x64):
 def test_one_step_covariance_matches_diffusion(key):
     """n Cov(dV) of one full block (attention then MLP) at n = 256 vs Sigma(V0).
     Relative Frobenius error: measured 1.7-2.3% at N = 2e4 over seeds (sampling error ~1-2%, finite-n
-    bias ~.7%, SHAPED.md §3); here N = 4e4; tolerance 5%. Power: the same estimate is more than 5% away
+    bias ~.7%, docs/shaped_sde.md §5); here N = 4e4; tolerance 5%. Power: the same estimate is more than 5% away
     from Sigma without the a_G (logit) term (~11%) and from Sigma with a_lin x 1.1 (~7%)."""
     n, m, N = 256, 3, 40_000
     hyper = dict(gamma_attn2=0.5, gamma_mlp2=0.5, tau0=0.5, c_plus=1.0, c_minus=-1.0)
@@ -166,7 +166,7 @@ def test_one_step_covariance_matches_diffusion(key):
     X = net.tokens_from_kernel(V, n)
 
     def one(k):
-        return net.gram(net.fast_block(X, net.block_noise(k, m, n, 16, jnp.float32), **hyper)) - V
+        return net.gram(net.block_in_law(X, net.block_noise(k, m, n, 16, jnp.float32), **hyper)) - V
 
     dV = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(key, N)))
     C = n * _sym_cov(dV)
@@ -197,7 +197,7 @@ def test_sde_single_euler_step_has_drift_and_diffusion(key):
 # -- (iii) SDE paths ------------------------------------------------------------------------------
 def test_sde_paths_stay_psd_over_short_horizon(key):
     """T = 0.2, dt = 1e-3, 200 paths from V0_M3 (figure parameters). A few paths may blow up already:
-    the drift is cubic, and 13.5% do by T = 1 (SHAPED.md §3), so we allow up to 5%. Every other
+    the drift is cubic, and 13.5-14% do by T = 1 (docs/shaped_sde.md §4), so we allow up to 5%. Every other
     saved kernel is PSD (no eigenvalue clip was needed)."""
     sol = sde.simulate_shaped_sde(key, jnp.asarray(V0_M3, jnp.float32), 0.2, dt=1e-3, n_paths=200, n_save=21, **FIG)
     assert sol.kernels.shape == (200, 21, 3, 3) and sol.ts.shape == (21,)
@@ -281,10 +281,10 @@ def test_clipped_cholesky_and_correlations(x64):
     L = net.clipped_cholesky(singular)
     assert bool(jnp.all(jnp.isfinite(L)))
     np.testing.assert_allclose(L @ L.T, singular, atol=1e-12)
-    rho = sde.kernel_correlations(V)
-    np.testing.assert_allclose(jnp.diagonal(rho), 1.0)
-    np.testing.assert_allclose(rho[0, 1], 0.6 / math.sqrt(1.3), rtol=1e-12)
-    np.testing.assert_allclose(sde.offdiag_correlations(jnp.stack([V, V]))[1], rho[np.triu_indices(3, 1)])
+    corr = sde.kernel_correlations(V)
+    np.testing.assert_allclose(jnp.diagonal(corr), 1.0)
+    np.testing.assert_allclose(corr[0, 1], 0.6 / math.sqrt(1.3), rtol=1e-12)
+    np.testing.assert_allclose(sde.offdiag_correlations(jnp.stack([V, V]))[1], corr[np.triu_indices(3, 1)])
 
 
 def test_bad_arguments_are_rejected(key):
@@ -340,15 +340,15 @@ def test_literal_network_matches_fast_simulator_in_distribution(key):
 # -- (vi) rank collapse of unshaped attention -------------------------------------------------------
 def test_unshaped_attention_collapses_shaped_does_not(key):
     """n = L = 32, attention only (gamma_a^2 = .3), rho0 = .3, 32 nets each. Standard softmax attention
-    collapses the kernel: rho12 > .99 in every net (SHAPED.md §3: 1.0000). Shaped attention keeps it
+    collapses the kernel: rho12 > .99 in every net (docs/shaped_sde.md §5: 1.0000). Shaped attention keeps it
     spread: mean rho12 < .7 and no net above .99."""
     V = jnp.array([[1.0, 0.3], [0.3, 1.0]])
     kw = dict(n=32, depth_ratio=1.0, gamma_attn2=0.3, gamma_mlp2=0.0, tau0=0.5)
     keys = jax.random.split(key, 32)
-    rho = {s: np.asarray(sde.offdiag_correlations(jax.vmap(
+    corr = {s: np.asarray(sde.offdiag_correlations(jax.vmap(
         lambda k, s=s: net.shaped_network_kernels(k, V, shaped=s, **kw))(keys)[:, -1]))[:, 0] for s in (False, True)}
-    assert np.all(rho[False] > 0.99), rho[False].min()
-    assert rho[True].mean() < 0.7 and np.all(rho[True] < 0.99), rho[True]
+    assert np.all(corr[False] > 0.99), corr[False].min()
+    assert corr[True].mean() < 0.7 and np.all(corr[True] < 0.99), corr[True]
 
 
 # -- finite networks vs SDE at depth T ----------------------------------------------------------------
@@ -356,18 +356,18 @@ def test_unshaped_attention_collapses_shaped_does_not(key):
 def test_sde_matches_finite_networks_at_depth_one(key):
     """m = 2, rho0 = .3, T = 1, gamma_a^2 = .3, gamma_f^2 = .2, tau0 = .5, c+- = +-1: KS distance of the
     output rho12 between 3000 nets at n = 128 and 4000 SDE paths (exploded ones dropped) is < .06
-    (SHAPED.md §3: .043 at n = 64, .0135 at n = 256; 5% critical value ~.03). The control SDE without
+    (docs/shaped_sde.md §5: .043 at n = 64, .0135 at n = 256; 5% critical value ~.03). The control SDE without
     the logit terms (tau0 = inf) is further away."""
     V = jnp.array([[1.0, 0.3], [0.3, 1.0]])
     k1, k2 = jax.random.split(key)
     nets = jax.vmap(lambda k: net.shaped_network_kernels(k, V, n=128, depth_ratio=1.0, **FIG))(jax.random.split(k1, 3000))
-    rho_net = np.asarray(sde.offdiag_correlations(nets[:, -1]))[:, 0]
+    corr_net = np.asarray(sde.offdiag_correlations(nets[:, -1]))[:, 0]
     sol = sde.simulate_shaped_sde(k2, V, 1.0, dt=2e-3, n_paths=4000, n_save=2, **FIG)
-    rho_sde = np.asarray(sol.correlations[:, -1, 0])[~np.asarray(sol.exploded)]
-    ks = sde.ks_distance(rho_net, rho_sde)
+    corr_sde = np.asarray(sol.correlations[:, -1, 0])[~np.asarray(sol.exploded)]
+    ks = sde.ks_distance(corr_net, corr_sde)
     assert ks < 0.06, ks
     ctrl = sde.simulate_shaped_sde(k2, V, 1.0, dt=2e-3, n_paths=4000, n_save=2, **{**FIG, "tau0": np.inf})
-    ks_ctrl = sde.ks_distance(rho_net, np.asarray(ctrl.correlations[:, -1, 0])[~np.asarray(ctrl.exploded)])
+    ks_ctrl = sde.ks_distance(corr_net, np.asarray(ctrl.correlations[:, -1, 0])[~np.asarray(ctrl.exploded)])
     assert ks_ctrl > ks, (ks, ks_ctrl)
 
 

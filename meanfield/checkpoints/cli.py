@@ -4,7 +4,7 @@
                            [--lyapunov [--lyapunov-k K] [--probe-tokens N] [--seed S] [--probe FILE.npy]]
 
 Per layer: ||W_mlp||_2, ||W_attn||_2, rho = ||W_mlp||_2/||W_attn||_2 and the propagated effective rank and
-condition number of `meanfield.rule.propagate`. Default precision is the rule's per-model script (each
+condition number of `meanfield.rule.propagate` (`meanfield.rule.analyse`). Default precision is the rule's per-model script (each
 step in float64, C stored in float32); ``--float64`` keeps C in float64. Writes weights.csv, weights.nc
 (xarray, dims attention x layer) and weights.png into ``--out`` (default runs/weights/<name>).
 Exit 0 on success, 2 for a bad path, checkpoint or option: one line naming the file and the fault, never a
@@ -33,7 +33,8 @@ import sys
 
 import numpy as np
 
-BAND = (0.5, 2.0)
+from ..rule.band import BAND
+from ..rule.checkpoint import analyse
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -60,47 +61,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
-
-
-def analyse(ckpt, attentions, *, fold_gains=False, float64=False):
-    """xarray Dataset (attention x layer) of norms, rho, erank and condition number."""
-    import xarray as xr
-
-    from .. import rule
-    from .matrices import ATTENTION_MATRICES, layer_matrices
-
-    out = {k: [] for k in ("mlp_norm", "attn_norm", "rho", "erank", "cond", "lam_min")}
-    for att in attentions:
-        W_mlp, W_attn = layer_matrices(ckpt, att, fold_gains=fold_gains, dtype=np.float64)
-        mn, an = rule.spectral_norms(W_mlp), rule.spectral_norms(W_attn)
-        traj = rule.propagate(W_mlp, W_attn, dtype="float64", store_dtype="float64" if float64 else "float32")
-        with np.errstate(divide="ignore", invalid="ignore"):  # a zero norm: reported as such by `run`
-            rho = mn / an
-        for k, v in (("mlp_norm", mn), ("attn_norm", an), ("rho", rho), ("erank", traj.erank),
-                     ("cond", traj.cond), ("lam_min", traj.lam_min)):
-            out[k].append(np.asarray(v, np.float64))
-        del W_mlp, W_attn
-    meta = {
-        "mlp_norm": (r"$\|W_\mathrm{mlp}\|_2$", "1", "spectral norm of W_down W_up (gate dropped)"),
-        "attn_norm": (r"$\|W_\mathrm{attn}\|_2$", "1", "spectral norm of W_attn (see attention coordinate)"),
-        "rho": (r"$\rho$", "1", "||W_mlp||_2 / ||W_attn||_2"),
-        "erank": ("effective rank", "1", "exp(-sum p log p) of C_{l+1}, p = eigenvalues / their sum"),
-        "cond": ("condition number", "1", "lambda_1 / smallest eigenvalue above eps max(1, lambda_1) d (the rule's floor)"),
-        "lam_min": (r"$\lambda_\mathrm{min}$", "1", "smallest eigenvalue of the normalised C_{l+1} (no floor)"),
-    }
-    ds = xr.Dataset(
-        {k: (("attention", "layer"), np.stack(v), {"long_name": meta[k][0], "units": meta[k][1], "description": meta[k][2]})
-         for k, v in out.items()},
-        coords={"attention": list(attentions), "layer": np.arange(ckpt.num_layers)})
-    ds["attention"].attrs["description"] = "; ".join(f"{a}: {ATTENTION_MATRICES[a]}" for a in attentions)
-    ds.attrs.update(source=ckpt.source, arch=ckpt.arch, d_model=ckpt.d_model, num_layers=ckpt.num_layers,
-                    num_heads=ckpt.num_heads, num_kv_heads=ckpt.num_kv_heads, head_dim=ckpt.head_dim,
-                    stored_dtype=ckpt.dtype, fold_gains=int(fold_gains),
-                    wo_squared=int(ckpt.layers[0].w_o.shape[1] != ckpt.d_model),
-                    precision="float64 steps, C stored in float64" if float64 else
-                    "float64 steps, C stored in float32 (the rule's per-model script)",
-                    method="C_0 = I, A_l = I + W_mlp + W_attn, C_{l+1} = A C A^T / ||A C A^T||_2 (meanfield.rule.propagate)")
-    return ds
 
 
 def _read_probe(path, d: int) -> np.ndarray:

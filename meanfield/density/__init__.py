@@ -2,17 +2,17 @@ r"""The mean-field limit on the circle: the token density as a PDE, and particle
 
 For tokens on $S^1$ (d = 2, `norm="sphere"`) the density $\rho(\theta,t)$ solves
 $\partial_t\rho + \partial_\theta(\rho\,v[\rho]) = 0$, $v[\rho]$ the particle velocity averaged over
-$\rho$ (`velocity`). `simulate_density` solves it pseudo-spectrally (`pde`); `initial` builds
+$\rho$ (`velocity`). `simulate_density` solves it pseudo-spectrally (`pde`); `initial_densities` builds
 densities and samples them; `wasserstein` measures particles against densities;
 `particles.simulate_angles` runs large particle systems; `theory` holds the linear rates.
 """
 
 from .grid import count_peaks as count_peaks
 from .grid import spectral_tail as spectral_tail
-from .initial import kernel_density as kernel_density
-from .initial import sample_density as sample_density
-from .initial import uniform_perturbed as uniform_perturbed
-from .initial import von_mises_mixture as von_mises_mixture
+from .initial_densities import kernel_density as kernel_density
+from .initial_densities import sample_density as sample_density
+from .initial_densities import uniform_perturbed as uniform_perturbed
+from .initial_densities import von_mises_mixture as von_mises_mixture
 from .particles import simulate_angles as simulate_angles
 from .pde import DensitySolution as DensitySolution
 from .pde import UnderResolvedError as UnderResolvedError

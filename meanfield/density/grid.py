@@ -40,38 +40,38 @@ def check_modes(N: int, where: str = "modes") -> int:
     return N
 
 
-def coefficients(rho: Density) -> jax.Array:
+def coefficients(density: Density) -> jax.Array:
     r"""$\hat\rho_k$ for $k = 0..N/2$ (rfft / N), Nyquist zeroed."""
-    N = rho.shape[-1]
-    c = jnp.fft.rfft(rho, axis=-1) / N
+    N = density.shape[-1]
+    c = jnp.fft.rfft(density, axis=-1) / N
     return c.at[..., N // 2].set(0.0)
 
 
-def resample(rho: Density, M: int) -> jax.Array:
-    """Values of the trigonometric interpolant of `rho` on the M-point grid (exact for M >= N;
+def resample(density: Density, M: int) -> jax.Array:
+    """Values of the trigonometric interpolant of `density` on the M-point grid (exact for M >= N;
     for M < N the modes |k| >= M/2 are dropped)."""
-    N = rho.shape[-1]
+    N = density.shape[-1]
     if M == N:
-        return rho
-    c = coefficients(rho)
+        return density
+    c = coefficients(density)
     K = min(N, M) // 2
     c = c[..., :K]
     return jnp.fft.irfft(c, n=M, axis=-1) * M
 
 
-def spectral_tail(rho: Density) -> jax.Array:
+def spectral_tail(density: Density) -> jax.Array:
     r"""$\max_{N/3 \le k < N/2} |\hat\rho_k| / |\hat\rho_0|$: size of the top third of the resolved
     modes relative to the mean. The truncation error of a smooth (analytic) density is of that
     order, so it is the resolution indicator."""
-    N = rho.shape[-1]
-    c = jnp.abs(coefficients(rho))
+    N = density.shape[-1]
+    c = jnp.abs(coefficients(density))
     k0 = -(-N // 3)
-    return jnp.max(c[..., k0: N // 2], axis=-1) / jnp.maximum(jnp.abs(c[..., 0]), jnp.finfo(rho.dtype).tiny)
+    return jnp.max(c[..., k0: N // 2], axis=-1) / jnp.maximum(jnp.abs(c[..., 0]), jnp.finfo(density.dtype).tiny)
 
 
-def mass(rho: Density) -> jax.Array:
+def mass(density: Density) -> jax.Array:
     r"""$\int_0^{2\pi}\rho = 2\pi\hat\rho_0$ (exact for the interpolant)."""
-    return 2 * math.pi * jnp.mean(rho, axis=-1)
+    return 2 * math.pi * jnp.mean(density, axis=-1)
 
 
 def _chunked(fn, theta, block: int = 2048):
@@ -98,41 +98,41 @@ def _cdf_coeffs(c, theta):
                     theta)
 
 
-def evaluate(rho: Density, theta: Angles, *, n_modes: int | None = None) -> jax.Array:
+def evaluate(density: Density, theta: Angles, *, n_modes: int | None = None) -> jax.Array:
     r"""$\rho(\theta)$ of the interpolant at arbitrary angles (O(n N), in blocks of angles).
 
     `n_modes`: use only modes $k <$ n_modes (see `significant_modes`)."""
-    c = coefficients(rho)
+    c = coefficients(density)
     if n_modes is not None:
         c = c[..., :n_modes]
-    return _evaluate_coeffs(c, jnp.asarray(theta, rho.dtype))
+    return _evaluate_coeffs(c, jnp.asarray(theta, density.dtype))
 
 
-def cdf(rho: Density, theta: Angles, *, n_modes: int | None = None) -> jax.Array:
+def cdf(density: Density, theta: Angles, *, n_modes: int | None = None) -> jax.Array:
     r"""$F(\theta) = \int_0^\theta \rho(s)\,ds$ at arbitrary angles in $[0, 2\pi]$ (exact, O(n N))."""
-    c = coefficients(rho)
+    c = coefficients(density)
     if n_modes is not None:
         c = c[..., :n_modes]
-    return _cdf_coeffs(c, jnp.asarray(theta, rho.dtype))
+    return _cdf_coeffs(c, jnp.asarray(theta, density.dtype))
 
 
-def significant_modes(rho, rtol: float | None = None) -> int:
+def significant_modes(density, rtol: float | None = None) -> int:
     """Number of leading modes k = 0.. K-1 holding every |rho_k| > rtol |rho_0| (host-side;
     default rtol = eps of the dtype). Evaluations with `n_modes=K` are then exact to rounding."""
-    rho = np.asarray(rho)
-    rtol = np.finfo(rho.dtype).eps if rtol is None else rtol
-    c = np.abs(np.fft.rfft(rho)) / rho.shape[-1]
-    big = np.nonzero(c[: rho.shape[-1] // 2] > rtol * c[0])[0]
+    density = np.asarray(density)
+    rtol = np.finfo(density.dtype).eps if rtol is None else rtol
+    c = np.abs(np.fft.rfft(density)) / density.shape[-1]
+    big = np.nonzero(c[: density.shape[-1] // 2] > rtol * c[0])[0]
     return int(big[-1]) + 1 if len(big) else 1
 
 
-def count_peaks(rho: Density, level: float = 2.0) -> jax.Array:
+def count_peaks(density: Density, level: float = 2.0) -> jax.Array:
     r"""Number of density peaks: connected arcs of the superlevel set
     $\{\theta: \rho(\theta) > \text{level}\cdot m/2\pi\}$ ($m$ the mass, so `level` is in units of
     the uniform density). Peaks joined by a dip that stays above the level count once; a
     perturbation of the uniform density smaller than `level - 1` counts as no peak."""
-    thr = level * jnp.mean(rho, axis=-1, keepdims=True)
-    above = rho > thr
+    thr = level * jnp.mean(density, axis=-1, keepdims=True)
+    above = density > thr
     starts = above & ~jnp.roll(above, 1, axis=-1)
     n = jnp.sum(starts, axis=-1)
     return jnp.where(jnp.all(above, axis=-1), 1, n)
@@ -148,13 +148,13 @@ def to_tokens(theta) -> jax.Array:
     return jnp.stack([jnp.cos(theta), jnp.sin(theta)], axis=-1)
 
 
-def upsample_np(rho: np.ndarray, M: int) -> np.ndarray:
+def upsample_np(density: np.ndarray, M: int) -> np.ndarray:
     """NumPy version of `resample` for M >= N (used to put saves of different N on one grid)."""
-    N = rho.shape[-1]
+    N = density.shape[-1]
     if M == N:
-        return rho
-    c = np.fft.rfft(rho, axis=-1) / N
+        return density
+    c = np.fft.rfft(density, axis=-1) / N
     c[..., N // 2] = 0.0
-    out = np.zeros(rho.shape[:-1] + (M // 2 + 1,), c.dtype)
+    out = np.zeros(density.shape[:-1] + (M // 2 + 1,), c.dtype)
     out[..., : N // 2 + 1] = c
     return np.fft.irfft(out, n=M, axis=-1) * M

@@ -67,8 +67,8 @@ def consensus_rate(v: float = 1.0) -> float:
     return 2.0 * v
 
 
-def circular_variance(rho) -> np.ndarray:
+def circular_variance(density) -> np.ndarray:
     r"""$\sigma^2 = -2\log|\hat\rho_1/\hat\rho_0|$ from grid values (..., N)."""
-    rho = np.asarray(rho, np.float64)
-    c = np.fft.rfft(rho, axis=-1)
+    density = np.asarray(density, np.float64)
+    c = np.fft.rfft(density, axis=-1)
     return -2.0 * np.log(np.abs(c[..., 1]) / np.abs(c[..., 0]))

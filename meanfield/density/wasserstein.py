@@ -82,23 +82,23 @@ def w1_samples(theta_a, theta_b, weights_a=None, weights_b=None) -> jax.Array:
     return _w1_samples(a.astype(dt), wa.astype(dt), b.astype(dt), wb.astype(dt))
 
 
-def w1_samples_density(theta, rho, weights=None, *, n_grid: int = 8192) -> jax.Array:
+def w1_samples_density(theta, density, weights=None, *, n_grid: int = 8192) -> jax.Array:
     r"""$W_1$ between an empirical measure (angles `theta`) and a density given by grid values
-    `rho` (N,) on $2\pi j/N$ (normalised to mass 1 here).
+    `density` (N,) on $2\pi j/N$ (normalised to mass 1 here).
 
     Nodes: the samples and `n_grid` uniform angles; the density's CDF is exact at every node
     (Fourier series) and linear between them (error $O(h^2)$, see module docstring).
     """
     theta, w = _empirical(theta, weights)
-    rho = jnp.asarray(rho, theta.dtype)
-    K = _grid.significant_modes(np.asarray(rho))
-    rho = rho / _grid.mass(rho)
+    density = jnp.asarray(density, theta.dtype)
+    K = _grid.significant_modes(np.asarray(density))
+    density = density / _grid.mass(density)
     u = _grid.grid(n_grid, theta.dtype)
     nodes = jnp.concatenate([theta, u, jnp.asarray([TWO_PI], theta.dtype)])
     jumps = jnp.concatenate([w, jnp.zeros(n_grid + 1, theta.dtype)])
     order = jnp.argsort(nodes, stable=True)
     nodes, jumps = nodes[order], jumps[order]
-    G = _grid.cdf(rho, nodes, n_modes=K)
+    G = _grid.cdf(density, nodes, n_modes=K)
     return _w1_sd(nodes, jumps, G)
 
 
@@ -109,12 +109,12 @@ def _w1_sd(nodes, jumps, G):
     return _w1_piecewise_linear(lengths, E[:-1] - G[:-1], E[:-1] - G[1:])
 
 
-def w1_densities(rho_a, rho_b, *, n_grid: int = 8192) -> jax.Array:
+def w1_densities(density_a, density_b, *, n_grid: int = 8192) -> jax.Array:
     r"""$W_1$ between two densities given by grid values (any N each; normalised here)."""
-    rho_a = jnp.asarray(rho_a)
-    rho_b = jnp.asarray(rho_b, rho_a.dtype)
-    u = jnp.concatenate([_grid.grid(n_grid, rho_a.dtype), jnp.asarray([TWO_PI], rho_a.dtype)])
-    Fa = _grid.cdf(rho_a / _grid.mass(rho_a), u, n_modes=_grid.significant_modes(np.asarray(rho_a)))
-    Fb = _grid.cdf(rho_b / _grid.mass(rho_b), u, n_modes=_grid.significant_modes(np.asarray(rho_b)))
+    density_a = jnp.asarray(density_a)
+    density_b = jnp.asarray(density_b, density_a.dtype)
+    u = jnp.concatenate([_grid.grid(n_grid, density_a.dtype), jnp.asarray([TWO_PI], density_a.dtype)])
+    Fa = _grid.cdf(density_a / _grid.mass(density_a), u, n_modes=_grid.significant_modes(np.asarray(density_a)))
+    Fb = _grid.cdf(density_b / _grid.mass(density_b), u, n_modes=_grid.significant_modes(np.asarray(density_b)))
     D = Fa - Fb
     return jax.jit(_w1_piecewise_linear)(jnp.diff(u), D[:-1], D[1:])

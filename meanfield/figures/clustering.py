@@ -28,7 +28,7 @@ SETTINGS = {"full": dict(n_circle=64, n_sphere=128, t1=60.0, n_save=241),
 
 
 def run(quick: bool = False) -> dict:
-    from ..initial import sphere_uniform
+    from ..initial_tokens import sphere_uniform
     from ..metrics import cluster_count
     from ..model.params import Model
     from ..simulate.particles import simulate_particles

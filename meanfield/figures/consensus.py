@@ -41,7 +41,7 @@ def _fit_rate(ts, dist, lo=1e-9, hi=1e-4):
 
 def run(quick: bool = False):
     """Distance-to-consensus curves (float64) for full and causal attention at beta 1 and 4."""
-    from ..initial import hemisphere
+    from ..initial_tokens import hemisphere
     from ..metrics import consensus_distance
     from ..model.params import Model
     from ..simulate.particles import simulate_particles

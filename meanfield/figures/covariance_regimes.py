@@ -1,4 +1,4 @@
-r"""Covariance regimes with time-invariant parameters (Alcalde, Ji, Zuazua 2026; `meanfield.criteria`).
+r"""Covariance regimes with time-invariant parameters (Alcalde, Ji, Zuazua 2026; `meanfield.regimes.predicted`).
 
 tr S(t) on a log axis for four parameter sets in d = 2 (V = vI, so P = S^{-1} obeys a linear
 Lyapunov ODE): an equilibrium (Re lambda(W) > 0, beta v Ms negative definite; dotted line: the
@@ -29,7 +29,7 @@ CASES = {
 def render(out_dir, quick: bool = False) -> FigureResult:
     import matplotlib.pyplot as plt
 
-    from ..criteria import predict_regime
+    from ..regimes.predicted import predict_regime
     from ..model.params import Model
     from ..simulate.gaussian import simulate_gaussian
 

@@ -1,6 +1,6 @@
 r"""Particles converge to the density PDE: W1(empirical measure of n particles, rho(t)) ~ n^-1/2.
 
-Tokens on the circle, general (non-symmetric) Q, K, V, softmax attention, beta = 1. rho0 is a
+Tokens on the circle, general (non-symmetric) Q, K, V, softmax attention, beta = 1. density0 is a
 von Mises mixture; n tokens are sampled i.i.d. from it and run with the particle ODE (angle form,
 `meanfield.density.simulate_angles`, the same field as `simulate_particles` to rounding, checked
 here at n = 300); the PDE is solved by `simulate_density`. At t = T we measure the exact circle
@@ -38,12 +38,12 @@ def experiment(ns, seeds: int, T: float = 1.0, shared: int | None = None):
     import meanfield as mf
 
     model = mf.Model(Q=Q, K=K, V=V, beta=1.0, norm="sphere", dtype=jnp.float64)
-    rho0 = von_mises_mixture([0.0, 2.5], [2.0, 4.0], [0.6, 0.4])
+    density0 = von_mises_mixture([0.0, 2.5], [2.0, 4.0], [0.6, 0.4])
     t = time.perf_counter()
-    pde = simulate_density(model, rho0, T, n_save=5)
+    pde = simulate_density(model, density0, T, n_save=5)
     t_pde = time.perf_counter() - t
-    rhoT = pde.rho[-1]
-    rho_init = rho0(G.grid(256, jnp.float64))
+    density_T = pde.density[-1]
+    density_init = density0(G.grid(256, jnp.float64))
     out = {"n": [], "w1_T": [], "w1_T_std": [], "w1_0": [], "w1_0_std": []}
     key = jax.random.key(2026)
     for n in ns:
@@ -51,11 +51,11 @@ def experiment(ns, seeds: int, T: float = 1.0, shared: int | None = None):
         for s in range(seeds):
             k = jax.random.fold_in(key, 1000 * n + s)
             size = shared if (shared is not None and n <= shared) else n
-            th0 = sample_density(k, rho0, size, dtype=jnp.float64)
+            th0 = sample_density(k, density0, size, dtype=jnp.float64)
             w = None if size == n else jnp.where(jnp.arange(size) < n, 1.0 / n, 0.0)
             _, th, _ = simulate_angles(model, th0, T, n_save=2, weights=w)
-            w0.append(float(w1_samples_density(th0[:n], rho_init)))
-            wT.append(float(w1_samples_density(th[-1][:n], rhoT)))
+            w0.append(float(w1_samples_density(th0[:n], density_init)))
+            wT.append(float(w1_samples_density(th[-1][:n], density_T)))
         out["n"].append(n)
         out["w1_T"].append(np.mean(wT))
         out["w1_T_std"].append(np.std(wT))
@@ -64,11 +64,11 @@ def experiment(ns, seeds: int, T: float = 1.0, shared: int | None = None):
     out = {k: np.asarray(v) for k, v in out.items()}
     b, a = np.polyfit(np.log(out["n"]), np.log(out["w1_T"]), 1)
     # cross-check: the O(nP) angle particles are simulate_particles' tokens
-    th0 = sample_density(jax.random.fold_in(key, 7), rho0, 300, dtype=jnp.float64)
+    th0 = sample_density(jax.random.fold_in(key, 7), density0, 300, dtype=jnp.float64)
     _, th, _ = simulate_angles(model, th0, T, n_save=2)
     ps = mf.simulate_particles(model, G.to_tokens(th0), T, n_save=2)
     gap = float(jnp.max(jnp.abs(jnp.angle(jnp.exp(1j * (G.to_angles(ps.xs[-1]) - th[-1]))))))
-    return dict(out, slope=b, intercept=a, T=T, theta=pde.theta, rho_T=rhoT, rho_0=np.asarray(rho0(jnp.asarray(pde.theta))),
+    return dict(out, slope=b, intercept=a, T=T, theta=pde.theta, rho_T=density_T, rho_0=np.asarray(density0(jnp.asarray(pde.theta))),
                 pde_modes=pde.modes, pde_tail=pde.tail, pde_mass_error=float(np.max(np.abs(pde.mass - 1))),
                 pde_seconds=t_pde, particles_vs_simulate_particles=gap)
 

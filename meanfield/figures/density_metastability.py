@@ -1,6 +1,6 @@
 r"""Metastable clustering in the mean-field limit: density peaks vs particle clusters, beta = 1, 4, 9.
 
-Q = K = V = I, softmax, tokens on the circle. rho0 = (1 + sum_{k=1..8} 0.1 cos(k theta + phi_k)) / 2pi
+Q = K = V = I, softmax, tokens on the circle. density0 = (1 + sum_{k=1..8} 0.1 cos(k theta + phi_k)) / 2pi
 (random phases). The uniform density is unstable; mode k grows at
 lambda_k = k^2 I_k(beta) / (beta I_0(beta)) (`meanfield.density.theory`), so about
 k* = argmax lambda_k clusters form first (k* = 1, 3, 4 for beta = 1, 4, 9) and then merge only on
@@ -34,14 +34,14 @@ def experiment(*, t_pde: float, t_particles: float, n: int, seeds: int, max_mode
     import meanfield as mf
     from meanfield.metrics import cluster_count
 
-    rho0 = uniform_perturbed([0.1] * 8, key=jax.random.key(7))
+    density0 = uniform_perturbed([0.1] * 8, key=jax.random.key(7))
     res = {}
     for beta in BETAS:
         model = mf.Model(Q=np.eye(2), K=np.eye(2), V=np.eye(2), beta=beta, norm="sphere", dtype=jnp.float64)
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pde = simulate_density(model, rho0, t_pde, n_save=n_save, modes=modes, max_modes=max_modes,
+            pde = simulate_density(model, density0, t_pde, n_save=n_save, modes=modes, max_modes=max_modes,
                                    tail_tol=tail_tol,
                                    on_underresolved="refine" if modes is None else "stop")
         t_run = time.perf_counter() - t0
@@ -50,12 +50,12 @@ def experiment(*, t_pde: float, t_particles: float, n: int, seeds: int, max_mode
         ts_p = np.linspace(0.0, t_particles, 2 * n_save - 1)
         clusters = []
         for s in range(seeds):
-            th0 = sample_density(jax.random.key(100 + s), rho0, n, dtype=jnp.float64)
+            th0 = sample_density(jax.random.key(100 + s), density0, n, dtype=jnp.float64)
             sol = mf.simulate_particles(model, G.to_tokens(th0), t_particles, ts=ts_p,
                                         save_fn=lambda X: cluster_count(X, 1e-2))
             clusters.append(np.asarray(sol.xs))
         res[beta] = dict(ts=pde.ts, peaks=peaks, t_end=pde.t_end, resolved=pde.resolved, modes=pde.modes,
-                         theta=pde.theta, rho=pde.rho, ts_particles=ts_p, clusters=np.array(clusters),
+                         theta=pde.theta, rho=pde.density, ts_particles=ts_p, clusters=np.array(clusters),
                          k_star=fastest_mode(beta), last_peaks=int(peaks[ok][-1]), seconds=t_run,
                          warnings=[str(w.message) for w in caught])
     return res

@@ -34,7 +34,7 @@ D = 2
 
 
 def run(quick: bool = False) -> dict:
-    from ..initial import gaussian_tokens
+    from ..initial_tokens import gaussian_tokens
     from ..model.params import Model
     from ..nets.tracking import DiscreteTransformer, sliced_w2_to_gaussian, tracking_statistics
 
@@ -98,7 +98,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
 
     ax = axes[2]
     r = res[("affine", L0)]
-    from ..initial import gaussian_tokens  # noqa: F401  (tokens re-drawn below for the scatter)
+    from ..initial_tokens import gaussian_tokens  # noqa: F401  (tokens re-drawn below for the scatter)
 
     idx = [0, L0 // 2, L0]
     colors = ("tab:blue", "tab:green", "tab:purple")

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from .. import rule
+from ..rule.band import BAND
 from .style import FigureResult, save_figure
 
 SETTINGS = {
@@ -69,7 +70,7 @@ def render(out_dir, quick: bool = False) -> FigureResult:
           f"max |sigma1(W_mlp+W_attn)/max(5|rho-1|,1) - 1| = {dev:.2e}")
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
-    ax.axvspan(0.5, 2.0, color="tab:green", alpha=0.12, lw=0, label=r"rule's stable band $0.5\leq\rho\leq2$")
+    ax.axvspan(*BAND, color="tab:green", alpha=0.12, lw=0, label=r"rule's stable band $0.5\leq\rho\leq2$")
     ax.axhline(10, color="crimson", ls=":", lw=1.2, label="collapse threshold (erank 10)")
     ax.plot(rhos, mean, "o-", ms=3, color="tab:blue", label="min erank over layers (mean over seeds)")
     ax.fill_between(rhos, mean - std, mean + std, color="tab:blue", alpha=0.2, lw=0)

@@ -7,10 +7,11 @@ For each width n, finite networks with L = T n blocks (`meanfield.shaped.shaped_
 exact in law) are compared with Euler–Maruyama paths of the SDE (`simulate_shaped_sde`):
 rho12 over depth t = l/n (mean and 10-90% band), the histogram of the output correlation, and the
 two-sample Kolmogorov–Smirnov distance between finite-net and SDE output correlations per width.
-The KS distance should shrink with width. SHAPED.md §3 reference values for m = 2, rho0 = .3:
+The KS distance should shrink with width. Reference values for m = 2, rho0 = .3 (NumPy reference
+simulation, docs/shaped_sde.md §5):
 .043 at n = 64 and .0135 at n = 256. The unshaped baseline (standard softmax attention,
 tau = sqrt(n_k), no centring) collapses rho12 to 1. SDE paths that explode (tr V > 1e4; the
-attention drift is cubic, SHAPED.md §4) are dropped from every SDE statistic, as in SHAPED.md §3;
+attention drift is cubic, docs/shaped_sde.md §4) are dropped from every SDE statistic, as in the reference;
 their fraction is reported.
 
 Writes figures/shaped_sde[_quick].png, .pdf and .json. Every number comes from the simulation.
@@ -39,7 +40,7 @@ KERNELS = {
     2: np.array([[1.0, 0.3], [0.3, 1.0]]),
     3: np.array([[1.0, 0.6, 0.2], [0.6, 1.3, -0.1], [0.2, -0.1, 0.8]]),
 }
-REFERENCE_KS_M2 = {64: 0.043, 256: 0.0135}  # SHAPED.md §3 (NumPy reference simulation), for comparison only
+REFERENCE_KS_M2 = {64: 0.043, 256: 0.0135}  # docs/shaped_sde.md §5 (NumPy reference simulation), for comparison only
 SETTINGS = {
     "quick": dict(widths=(32, 64), ms=(2,), n_nets=600, n_paths=2000, dt=1e-2, n_unshaped=32, chunk=600),
     "full": dict(widths=(32, 64, 128, 256), ms=(2, 3), widths_m3=(32, 64, 128), n_nets=2000, n_paths=5000, dt=2e-3,
@@ -147,7 +148,7 @@ def plot(results, data, quick):
         ax.axhline(res["widths"][widths[-1]]["ks_critical_5pct"], color="tab:red", ls="--", lw=1, label="KS 5% critical value")
         if m == 2:
             ref = sorted(REFERENCE_KS_M2)
-            ax.loglog(ref, [REFERENCE_KS_M2[n] for n in ref], "s", mfc="none", color="k", label="SHAPED.md reference")
+            ax.loglog(ref, [REFERENCE_KS_M2[n] for n in ref], "s", mfc="none", color="k", label="NumPy reference")
         ax.set(xlabel="width n", ylabel="KS distance (net vs SDE)", title="distance to the SDE")
         ax.legend(fontsize=7)
     fig.suptitle(r"Shaped transformer vs kernel SDE: $\gamma_a^2=.3$, $\gamma_f^2=.2$, $\tau_0=.5$, $c_\pm=\pm1$"
@@ -180,7 +181,7 @@ def render(out_dir, quick: bool = False, seed: int = 0):
                   + f"  {w['ks_control_no_logit_terms'][0]:17.4f}  {w['ks_critical_5pct']:6.4f}"
                   + f"  {w['mean_rho_out'][0]:.3f}/{res['sde']['mean_rho_out'][0]:.3f}")
     if any(r["m"] == 2 for r in results):
-        print(f"  reference (SHAPED.md §3, m = 2): {REFERENCE_KS_M2}")
+        print(f"  reference (docs/shaped_sde.md §5, m = 2): {REFERENCE_KS_M2}")
     meta = dict(
         description=__doc__.splitlines()[0], mode="quick" if quick else "full", seed=seed, T=T, n_k=N_K,
         hyper=HYPER, settings=cfg, reference_ks_m2=REFERENCE_KS_M2, results=json.loads(json.dumps(results, default=str)),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..rule.band import BAND
 from .style import FigureResult, save_figure
 
 EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "training" / "training_telemetry.yaml"
@@ -69,7 +70,7 @@ def first_exit(steps, outside) -> float:
     return first_step(steps, outside & np.concatenate([[False], inside_before[:-1]]))
 
 
-def findings(results: dict, band=(0.5, 2.0)) -> dict:
+def findings(results: dict, band=BAND) -> dict:
     """Per run: whether rho starts outside the band, when it first leaves it after being inside (W_o and
     value-aware), when the centred hidden erank first drops below COLLAPSE_ERANK, the least erank
     reached, the lead of the exit over the collapse, and the final validation loss."""

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..metrics import entropy_rank
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -248,11 +250,12 @@ class Decoder(nnx.Module):
 
 
 def second_moment_erank(X) -> jax.Array:
-    r"""$\exp(-\sum p_i \log p_i)$, $p = \lambda / \sum\lambda$, $\lambda$ = eigenvalues of $X^\top X / n$."""
+    r"""$\exp(-\sum p_i \log p_i)$, $p = \lambda / \sum\lambda$, $\lambda$ = eigenvalues of $X^\top X / n$
+    (`meanfield.metrics.entropy_rank` of p; the same p as `meanfield.metrics.effective_rank`, without its
+    non-finite masking and rescaling)."""
     C = X.T @ X / X.shape[0]
     lam = jnp.clip(jnp.linalg.eigvalsh(C), 0.0, None)
-    p = lam / jnp.sum(lam)
-    return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
+    return entropy_rank(lam / jnp.sum(lam))
 
 
 @nnx.jit

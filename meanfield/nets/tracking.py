@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..metrics import empirical_covariance, empirical_mean
-from ..model.field import token_velocity
+from ..model.field import moment_matrices, token_velocity
 
 
 class Layer(nnx.Module):
@@ -71,8 +71,6 @@ def discrete_moment_map(model, m0, S0, depth: float, n_layers: int):
     r"""The mean-field limit of the Euler network (closure-exact models): per layer
     $m \leftarrow m + h(c + M m)$, $S \leftarrow (I + hM) S (I + hM)^\top$ with (M, c) = `moment_matrices`
     at the current (m, S). Compared with the moment ODE it carries the O(h) Euler error, not the finite-n one."""
-    from ..model.field import moment_matrices
-
     h = depth / n_layers
     d = m0.shape[-1]
 

@@ -6,14 +6,15 @@
     sol = shaped.simulate_shaped_sde(key, V0, 1.0, dt=1e-3, gamma_attn2=.3, gamma_mlp2=.2, tau0=.5,
                                      c_plus=1., c_minus=-1., n_paths=1000)
 
-Formulas and their provenance: /work/shared/SHAPED.md.
+Formulas, their derivation, checks and provenance: docs/shaped_sde.md (the documentation page
+"The shaped transformer's kernel SDE").
 """
 
-from .network import ShapedTransformer as ShapedTransformer
-from .network import clipped_cholesky as clipped_cholesky
-from .network import literal_block as literal_block
-from .network import shaped_network_kernels as shaped_network_kernels
-from .network import tokens_from_kernel as tokens_from_kernel
+from .finite_width import ShapedTransformer as ShapedTransformer
+from .finite_width import clipped_cholesky as clipped_cholesky
+from .finite_width import literal_block as literal_block
+from .finite_width import shaped_network_kernels as shaped_network_kernels
+from .finite_width import tokens_from_kernel as tokens_from_kernel
 from .sde import ShapedSDESolution as ShapedSDESolution
 from .sde import diffusion_coefficients as diffusion_coefficients
 from .sde import kernel_correlations as kernel_correlations

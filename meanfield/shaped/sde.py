@@ -1,4 +1,4 @@
-r"""The shaped-transformer kernel SDE (Noci et al. 2023, arXiv 2306.17759; SHAPED.md §2 [DER]).
+r"""The shaped-transformer kernel SDE (Noci et al. 2023, arXiv 2306.17759; docs/shaped_sde.md §2 [DER]).
 
 The m x m kernel $V_t$ of the shaped transformer in the limit $n, L \to \infty$, $t = l/n$,
 solves the Itô SDE $dV = b(V)\,dt + dM$. With $P = I - 11^\top/m$, $\tilde V = PVP$,
@@ -14,7 +14,7 @@ $$ \frac{d\langle M_{ab}, M_{cd}\rangle}{dt} = a_\text{lin}(V_{ac}V_{bd} + V_{ad
    + a_G(V_{ac}G_{bd} + V_{ad}G_{bc} + V_{bc}G_{ad} + V_{bd}G_{ac}), $$
 
 with $a_\text{lin} = \gamma_a^2(2-\gamma_a^2) + 2\gamma_f^2$ and $a_G = \gamma_a^4/(\tau_0^2m^2)$.
-All of §2 is [DER] in SHAPED.md: derived there and checked against finite networks. Its shape
+All of §2 is [DER] in docs/shaped_sde.md: derived there and checked against finite networks (§3). Its shape
 matches the recalled Theorem 4.2 of the paper [REC]; that theorem number is unverified.
 
 Noise, exactly. Let $LL^\top = V$ (Cholesky), $F = VPL$ (so $FF^\top = G$), and let $W_1, W_2$ be
@@ -31,7 +31,7 @@ its increment to dM with the formula above. It is a custom `diffrax.AbstractTerm
 the diffusion is a bilinear map of a matrix increment, not a matrix-vector product. With
 `diffrax.Euler` this is exactly the Euler–Maruyama step
 $V_{k+1} = V_k + b(V_k)\Delta t + dM(V_k; \Delta W)$, $\Delta W \sim N(0, \Delta t)$. The SDE is Itô,
-so we add no Stratonovich correction (SHAPED.md §4).
+so we add no Stratonovich correction (docs/shaped_sde.md §2).
 
 Blow-up and PSD. The attention drift is cubic in V, so paths can explode in finite time.
 A path whose $\operatorname{tr}V$ (or, for an indefinite iterate, any $|V_{ab}|$) exceeds
@@ -56,7 +56,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ..simulate.checks import check_covariance, check_number
-from .network import Kernel, clipped_cholesky, residual_weights
+from .finite_width import Kernel, clipped_cholesky, residual_weights
 
 DiffusionTensor = Float[Array, "m m m m"]
 
@@ -91,7 +91,7 @@ def _centring(m: int, dtype) -> Kernel:
 
 def shaped_drift(V: Kernel, *, gamma_attn2: float, gamma_mlp2: float, tau0: float, c_plus: float = 0.0,
                  c_minus: float = 0.0) -> Kernel:
-    r"""The drift $b(V)$ of SHAPED.md §2 [DER] (module docstring).
+    r"""The drift $b(V)$ of docs/shaped_sde.md §2 [DER] (module docstring).
 
     The first bracket is $E[SVS^\top]$ for the linear softmax term $S = \tfrac1m(QK^\top/\tau)P$. The
     u-term is the mean of the quadratic softmax term; it vanishes for m = 2. The last term is the
@@ -105,15 +105,15 @@ def shaped_drift(V: Kernel, *, gamma_attn2: float, gamma_mlp2: float, tau0: floa
     Vu = V @ u
     attn = (jnp.trace(Vt @ V) / m**2) * V + (jnp.outer(d, Vu) + jnp.outer(Vu, d)) / (2 * m)
     sq = jnp.sqrt(jnp.maximum(jnp.outer(d, d), 0.0))
-    rho = jnp.clip(V / jnp.where(sq > 0, sq, 1.0), -1.0, 1.0)
+    corr = jnp.clip(V / jnp.where(sq > 0, sq, 1.0), -1.0, 1.0)
     nu = (c_plus - c_minus) ** 2 / (2 * math.pi) * (
-        jnp.sqrt(jnp.maximum(1.0 - rho**2, 0.0)) - rho * jnp.arccos(rho)
+        jnp.sqrt(jnp.maximum(1.0 - corr**2, 0.0)) - corr * jnp.arccos(corr)
     )
     return (gamma_attn2 / tau0**2) * attn + gamma_mlp2 * nu * sq
 
 
 def shaped_diffusion_cov(V: Kernel, *, gamma_attn2: float, gamma_mlp2: float, tau0: float) -> DiffusionTensor:
-    r"""$\Sigma_{abcd}(V) = d\langle M_{ab}, M_{cd}\rangle/dt$ of SHAPED.md §2 [DER], shape (m, m, m, m)."""
+    r"""$\Sigma_{abcd}(V) = d\langle M_{ab}, M_{cd}\rangle/dt$ of docs/shaped_sde.md §2 [DER], shape (m, m, m, m)."""
     m = V.shape[-1]
     a_lin, a_G = diffusion_coefficients(gamma_attn2=gamma_attn2, gamma_mlp2=gamma_mlp2, tau0=tau0, m=m)
     P = _centring(m, V.dtype)
@@ -131,7 +131,7 @@ def noise_factors(V: Kernel) -> tuple[Kernel, Kernel]:
 
 
 def shaped_noise(L: Kernel, F: Kernel, dW: Float[Array, "2 m m"], *, a_lin: float, a_G: float) -> Kernel:
-    r"""$dM = \sqrt{a_\text{lin}/2}(L\,dW_1L^\top + \cdot^\top) + \sqrt{a_G}(L\,dW_2F^\top + \cdot^\top)$ (SHAPED.md §2)."""
+    r"""$dM = \sqrt{a_\text{lin}/2}(L\,dW_1L^\top + \cdot^\top) + \sqrt{a_G}(L\,dW_2F^\top + \cdot^\top)$ (docs/shaped_sde.md §2)."""
     S = jnp.sqrt(a_lin / 2.0) * (L @ dW[0] @ L.T) + jnp.sqrt(a_G) * (L @ dW[1] @ F.T)
     return S + S.T
 
@@ -161,9 +161,9 @@ def kernel_correlations(V: Float[Array, "... m m"]) -> Float[Array, "... m m"]:
     NaN for every entry of a kernel holding NaN or inf)."""
     d = jnp.diagonal(V, axis1=-2, axis2=-1)
     sq = jnp.sqrt(jnp.maximum(d[..., :, None] * d[..., None, :], 0.0))
-    rho = jnp.where(sq > 0, V / jnp.where(sq > 0, sq, 1.0), 0.0)
+    corr = jnp.where(sq > 0, V / jnp.where(sq > 0, sq, 1.0), 0.0)
     finite = jnp.all(jnp.isfinite(V), axis=(-2, -1), keepdims=True)
-    return jnp.where(finite, rho, jnp.nan)  # a non-finite kernel has no correlations (not 0)
+    return jnp.where(finite, corr, jnp.nan)  # a non-finite kernel has no correlations (not 0)
 
 
 def offdiag_correlations(V: Float[Array, "... m m"]) -> Float[Array, "... p"]:
@@ -240,7 +240,7 @@ def simulate_shaped_sde(
     brownian: str = "unsafe",
     batch_size: int | None = None,
 ) -> ShapedSDESolution:
-    r"""Euler–Maruyama paths of $dV = b(V)dt + dM$ (SHAPED.md §2), vmapped over `n_paths`.
+    r"""Euler–Maruyama paths of $dV = b(V)dt + dM$ (docs/shaped_sde.md §2), vmapped over `n_paths`.
 
     Arguments:
         key: PRNG key; path i uses `jax.random.split(key, n_paths)[i]`, so results do not depend on `batch_size`.

@@ -34,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._display import Summarised, Summary
 from .._linalg import matmul
 from .._types import Cov, Mean
 from ..model.field import gaussian_closure_error, moment_matrices
@@ -45,7 +46,7 @@ from .checks import (
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
-class GaussianSolution(eqx.Module):
+class GaussianSolution(Summarised, eqx.Module):
     """Result of `simulate_gaussian`.
 
     Attributes:
@@ -74,8 +75,8 @@ class GaussianSolution(eqx.Module):
     def __iter__(self):  # `ts, means, covs, blowup_time = simulate_gaussian(...)`
         return iter((self.ts, self.means, self.covs, self.blowup_time))
 
-    def _summary(self) -> list[tuple[str, str]]:
-        """(name, value) rows for `__repr__` / `_repr_html_`: shapes and scalars only, no JAX op."""
+    def _summary(self) -> Summary:
+        """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
         from .. import _display as D
 
         *batch, T, d = self.means.shape
@@ -86,21 +87,8 @@ class GaussianSolution(eqx.Module):
         bt = D.num(self.blowup_time)
         rows += [("blowup_time", "none (inf)" if bt == "inf" else bt), ("t_end", D.num(self.t_end)),
                  ("success", D.flag(self.success)), ("num_steps", D.num(self.num_steps))]
-        return rows
-
-    def __repr__(self) -> str:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return eqx.Module.__repr__(self) if rows is None else D.text("GaussianSolution", rows)
-
-    def _repr_html_(self) -> str | None:
-        from .. import _display as D
-
-        rows = D.summary(self)
-        return None if rows is None else D.table(
-            "meanfield.GaussianSolution", rows,
-            "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
+        return Summary("GaussianSolution", rows,
+                       "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
 
 
 def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..rule.band import BAND
 from ..sweep.plan import ConfigError, format_validation, read_yaml_file, set_path
 
 
@@ -109,7 +110,7 @@ class GuardConfig(_Section):
     rescaled so that rho = ||W_down W_up||_2 / ||W_attn||_2 lies in `band`."""
 
     enabled: bool = False
-    band: tuple[float, float] = (0.5, 2.0)
+    band: tuple[float, float] = BAND
     attention: Literal["wo", "value"] = "wo"
     every: int = Field(1, ge=1)
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from ..rule.band import BAND
 
-def plot_telemetry(ds: xr.Dataset, path: Path, band=(0.5, 2.0), title: str | None = None) -> None:
+
+def plot_telemetry(ds: xr.Dataset, path: Path, band=BAND, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -3,7 +3,7 @@ r"""What is measured while a model trains, every K steps, into `telemetry.nc` (d
 - `train_loss` (mean over the updates since the last record), `val_loss` (fixed validation windows),
   `grad_norm` (global norm before clipping, mean since the last record), `learning_rate`.
 - The 1:1 rule per layer, with exactly `meanfield weights`'s code (the model's tensors go through
-  `meanfield.checkpoints.checkpoint_from_tensors` and `meanfield.checkpoints.cli.analyse`): `rho`,
+  `meanfield.checkpoints.checkpoint_from_tensors` and `meanfield.rule.analyse`): `rho`,
   `mlp_norm`, `attn_norm`, and the rule's linear-propagation `linear_erank`, each for
   `attention` = wo ($W_o$) and value ($\sum_h W_o^h W_v^h$).
 - `hidden_erank` (step, layer): the effective rank of the real residual stream after block l,
@@ -28,7 +28,7 @@ import xarray as xr
 from flax import nnx
 
 from ..checkpoints import checkpoint_from_tensors
-from ..checkpoints.cli import analyse
+from ..rule.checkpoint import analyse
 from ..nets.decoder import second_moment_erank
 from .lm import LanguageModel, cross_entropy, model_tensors
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from . import metrics
+from .. import metrics
 
 REGIMES = ("collapse", "stable", "blowup", "failed")
 COLLAPSE, STABLE, BLOWUP, FAILED = 0, 1, 2, 3
@@ -44,6 +44,25 @@ def regime_code(rank_one_distance, growth, blown_up, *, failed=False, collapse_t
     return jnp.where(jnp.asarray(blown_up), BLOWUP, jnp.where(bad, FAILED, code))
 
 
+def judged_save(reached, blown_up):
+    """Index of the save a particle run is judged on: after a blow-up event (the solve stopped early)
+    its last reached save, otherwise the final one. `reached` (T,): the saves whose tokens are finite."""
+    return jnp.where(blown_up, jnp.max(jnp.where(reached, jnp.arange(reached.shape[0]), 0)), reached.shape[0] - 1)
+
+
+def particle_regime(rank_one_distance, rms_norm, rms_norm0, blown_up, *, failed=False, collapse_tol: float = 1e-2,
+                    growth_limit: float = 1e6):
+    r"""The regime code of a particle run from its judged state X_T (`judged_save`) and X_0:
+    `regime_code` with growth $\mathrm{rms}|x|(T)/\max(\mathrm{rms}|x|(0), \text{tiny})$.
+
+    `rank_one_distance`, `rms_norm`: of X_T; `rms_norm0`: of X_0. The one particle rule, used by
+    `classify` and by the sweeps' saved observables."""
+    rms_norm = jnp.asarray(rms_norm)
+    growth = rms_norm / jnp.maximum(rms_norm0, jnp.finfo(rms_norm.dtype).tiny)
+    return regime_code(rank_one_distance, growth, blown_up, failed=failed, collapse_tol=collapse_tol,
+                       growth_limit=growth_limit)
+
+
 def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6):
     """Returns the regime code (0 collapse, 1 stable, 2 blow-up, 3 failed; names in `REGIMES`) of a finished run.
 
@@ -53,8 +72,8 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
     import equinox as eqx
     import jax
 
-    from .simulate.gaussian import GaussianSolution
-    from .simulate.particles import ParticleSolution
+    from ..simulate.gaussian import GaussianSolution
+    from ..simulate.particles import ParticleSolution
 
     kw = dict(collapse_tol=collapse_tol, growth_limit=growth_limit)
     batched = (isinstance(solution, GaussianSolution) and solution.means.ndim == 3) or (
@@ -76,11 +95,7 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
                 "`regime_code(rank_one_distance, growth, blown_up)` with the saved values instead."
             )
         # A blow-up event stops the solve early: judge it on its last reached save; otherwise on X(t1).
-        reached = jnp.all(jnp.isfinite(xs), axis=(-2, -1))
-        last = jnp.where(solution.blown_up, jnp.max(jnp.where(reached, jnp.arange(xs.shape[0]), 0)), xs.shape[0] - 1)
-        XT, X0 = xs[last], xs[0]
-        growth = metrics.rms_norm(XT) / jnp.maximum(metrics.rms_norm(X0), jnp.finfo(XT.dtype).tiny)
-        r1 = metrics.rank_one_distance(XT)
-        return regime_code(r1, growth, solution.blown_up, failed=~solution.success, collapse_tol=collapse_tol,
-                           growth_limit=growth_limit)
+        XT = xs[judged_save(jnp.all(jnp.isfinite(xs), axis=(-2, -1)), solution.blown_up)]
+        return particle_regime(metrics.rank_one_distance(XT), metrics.rms_norm(XT), metrics.rms_norm(xs[0]),
+                               solution.blown_up, failed=~solution.success, **kw)
     raise TypeError(f"classify: expected a GaussianSolution or ParticleSolution; got {type(solution).__name__}.")

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .metrics import _entropy_rank
+from ..metrics import entropy_rank
 
 Layers = Float[Array, "L d d"]
 Matrix = Float[Array, "d d"]
@@ -98,7 +98,7 @@ def spectrum_stats(lam: Float[Array, "d"], d: int):
     lam_min_above = jnp.where(jnp.any(above), jnp.min(jnp.where(above, lam, jnp.inf)), floor)
     cond = jnp.where(lam_min_above > 0, lam_max / lam_min_above, jnp.inf)
     p = lam / jnp.where(jnp.sum(lam) > 0, jnp.sum(lam), 1.0)
-    erank = jnp.where(jnp.sum(lam) > 0, _entropy_rank(p), 1.0)
+    erank = jnp.where(jnp.sum(lam) > 0, entropy_rank(p), 1.0)
     return erank, cond, lam[0]
 
 

@@ -42,7 +42,7 @@ LABELS = ("equilibrium", "collapse", "blowup", "unknown")
 
 
 def _effective(model):
-    from .model.field import gaussian_closure_error
+    from ..model.field import gaussian_closure_error
 
     why = gaussian_closure_error(model)
     if why is not None:
@@ -262,7 +262,7 @@ def simulated_regime(model, m0, S0, t1: float, *, n_save: int = 201, max_steps: 
     without blow-up included) "unknown".
     Returns (label, GaussianSolution).
     """
-    from .simulate.gaussian import simulate_gaussian
+    from ..simulate.gaussian import simulate_gaussian
 
     sol = simulate_gaussian(model, m0, S0, float(t1), n_save=n_save, rtol=1e-10, atol=1e-13, max_steps=max_steps)
     if np.isfinite(float(sol.blowup_time)):
@@ -303,7 +303,7 @@ def validation_grid(seed: int = 1, n_per: int = 25, dims=(2, 3), classes: str = 
     beta = 1, b = 0. Simulated to depth 200 (2 T* when a later blow-up is predicted; 10 / |mu| for
     the slow W = 0 collapse), float64 (call under `jax.enable_x64`).
     """
-    from .model.params import Model
+    from ..model.params import Model
 
     rng = np.random.default_rng(seed)
     rows = []

@@ -38,14 +38,14 @@ def uniform_perturbed(amplitudes: Sequence[float] | float = 0.1, phases: Sequenc
     if np.sum(np.abs(a)) >= 1:
         raise ValueError(f"uniform_perturbed: sum |a_k| must be < 1 for a positive density; got {np.sum(np.abs(a))}.")
 
-    def rho(theta):
+    def density(theta):
         theta = jnp.asarray(theta)
         s = jnp.ones_like(theta)
         for ak, k, p in zip(a, ks, ph):
             s = s + ak * jnp.cos(k * theta + p)
         return s / (2 * math.pi)
 
-    return rho
+    return density
 
 
 def von_mises_mixture(locs: Sequence[float] | float = 0.0, kappas: Sequence[float] | float = 1.0,
@@ -58,14 +58,14 @@ def von_mises_mixture(locs: Sequence[float] | float = 0.0, kappas: Sequence[floa
         raise ValueError(f"von_mises_mixture: kappas and weights must be >= 0 (weights not all 0); got {ka}, {w}.")
     w = w / w.sum()
 
-    def rho(theta):
+    def density(theta):
         theta = jnp.asarray(theta)
         out = jnp.zeros_like(theta)
         for m, k, wi in zip(mu, ka, w):
             out = out + wi * jnp.exp(k * (jnp.cos(theta - m) - 1.0)) / (2 * math.pi * i0e(jnp.asarray(k, theta.dtype)))
         return out
 
-    return rho
+    return density
 
 
 def kernel_density(samples, bandwidth: float | None = None) -> Callable:
@@ -83,7 +83,7 @@ def kernel_density(samples, bandwidth: float | None = None) -> Callable:
         bandwidth = 1.06 * sig * n ** (-0.2)
     kappa = 1.0 / float(bandwidth) ** 2
 
-    def rho(theta):
+    def density(theta):
         theta = jnp.asarray(theta)
         norm = 2 * math.pi * i0e(jnp.asarray(kappa, theta.dtype))
 
@@ -100,27 +100,27 @@ def kernel_density(samples, bandwidth: float | None = None) -> Callable:
         acc, _ = jax.lax.scan(chunk, jnp.zeros_like(theta), (tpad, mask))
         return acc / (n * norm)
 
-    return rho
+    return density
 
 
-def sample_density(key, rho0, n: int, *, modes: int = 4096, dtype=None) -> jax.Array:
-    r"""n i.i.d. angles in $[0, 2\pi)$ from `rho0` (callable or grid values), by inverse transform:
+def sample_density(key, density0, n: int, *, modes: int = 4096, dtype=None) -> jax.Array:
+    r"""n i.i.d. angles in $[0, 2\pi)$ from `density0` (callable or grid values), by inverse transform:
     bracket $F^{-1}(u)$ on a `modes`-point grid, then 3 Newton steps on the exact Fourier CDF.
-    Exact (to rounding) for the trigonometric interpolant of `rho0` on that grid."""
+    Exact (to rounding) for the trigonometric interpolant of `density0` on that grid."""
     dtype = jnp.zeros(()).dtype if dtype is None else dtype
-    rho = jnp.asarray(rho0(_grid.grid(modes, dtype)) if callable(rho0) else _grid.resample(jnp.asarray(rho0, dtype), modes), dtype)
-    total = _grid.mass(rho)
+    density = jnp.asarray(density0(_grid.grid(modes, dtype)) if callable(density0) else _grid.resample(jnp.asarray(density0, dtype), modes), dtype)
+    total = _grid.mass(density)
     nodes = _grid.grid(modes, dtype)
-    F_nodes = jnp.concatenate([_grid.cdf(rho, nodes, n_modes=_grid.significant_modes(rho)), total[None]]) / total
+    F_nodes = jnp.concatenate([_grid.cdf(density, nodes, n_modes=_grid.significant_modes(density)), total[None]]) / total
     u = jax.random.uniform(key, (n,), dtype)
     j = jnp.clip(jnp.searchsorted(F_nodes, u, side="right") - 1, 0, modes - 1)
     h = 2 * math.pi / modes
     frac = (u - F_nodes[j]) / jnp.maximum(F_nodes[j + 1] - F_nodes[j], jnp.finfo(dtype).tiny)
     theta = nodes[j] + h * jnp.clip(frac, 0.0, 1.0)
     lo, hi = nodes[j], nodes[j] + h
-    K = _grid.significant_modes(rho)
+    K = _grid.significant_modes(density)
     for _ in range(3):
-        f = _grid.cdf(rho, theta, n_modes=K) / total - u
-        fp = _grid.evaluate(rho, theta, n_modes=K) / total
+        f = _grid.cdf(density, theta, n_modes=K) / total - u
+        fp = _grid.evaluate(density, theta, n_modes=K) / total
         theta = jnp.clip(theta - f / jnp.maximum(fp, jnp.finfo(dtype).tiny), lo, hi)
     return jnp.mod(theta, 2 * math.pi)

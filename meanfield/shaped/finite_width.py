@@ -1,6 +1,6 @@
 r"""Finite-width shaped transformer at initialisation (Noci et al. 2023, arXiv 2306.17759).
 
-The network is specified in `/work/shared/SHAPED.md` §1. Provenance tags follow that file:
+The network is specified in docs/shaped_sde.md §1. Provenance tags follow that page (§5):
 **[SRC]** read in a source, **[REC]** recalled from the paper (its equation numbers unverified),
 **[DER]** derived there and checked numerically. We do not cite equation numbers of the paper.
 
@@ -26,7 +26,7 @@ Each residual branch has $\lambda^2 + \gamma^2 = 1$ [REC]. One block = attention
 Two forms:
 
 - `ShapedTransformer`: a Flax NNX module holding the literal weights (cost O(L(m n^2))).
-- `shaped_network_kernels`: exact in law, O(L m^2 n) (SHAPED.md §3). Every weight matrix multiplies
+- `shaped_network_kernels`: exact in law, O(L m^2 n) (docs/shaped_sde.md §1). Every weight matrix multiplies
   exactly one matrix M that is known when it is used, and is independent of everything computed
   before. Given M (m x n'), the columns of $MW/\sqrt{n'}$ are i.i.d. $N(0, MM^\top/n')$. So
   $MW/\sqrt{n'}$ has the law of $F N$ with $FF^\top = MM^\top/n'$ and N fresh i.i.d. N(0,1). The
@@ -124,7 +124,7 @@ def gaussian_product(M: WideTokens, N: Float[Array, "m k"]) -> Float[Array, "m k
     r"""A sample of $MW/\sqrt{n'}$ ($W \in \mathbb R^{n'\times k}$ i.i.d. N(0,1)) from standard normals N.
 
     Returns $FN$ with $F$ = `clipped_cholesky`$(MM^\top/n')$. Given M, the columns of
-    $MW/\sqrt{n'}$ are i.i.d. $N(0, MM^\top/n')$, so this has exactly their law (SHAPED.md §3).
+    $MW/\sqrt{n'}$ are i.i.d. $N(0, MM^\top/n')$, so this has exactly their law (docs/shaped_sde.md §1).
     """
     return clipped_cholesky(gram(M)) @ N
 
@@ -194,7 +194,7 @@ def block_noise(key, m: int, n: int, n_k: int, dtype) -> dict:
     return {"N_Q": N_Q, "N_K": N_K, "N_V": N_V, "N_pre": N_pre, "N_post": N_post}
 
 
-def fast_attention(X: WideTokens, noise: dict, *, gamma_attn2, tau0, causal=False, shaped=True) -> WideTokens:
+def attention_in_law(X: WideTokens, noise: dict, *, gamma_attn2, tau0, causal=False, shaped=True) -> WideTokens:
     r"""Attention sub-layer with every $XW/\sqrt n$ sampled in law: $Q = FN_Q$, $K = FN_K$, $Y = FN_V$,
     $FF^\top = XX^\top/n$ (one factor, since all three multiply X)."""
     F = clipped_cholesky(gram(X))
@@ -204,7 +204,7 @@ def fast_attention(X: WideTokens, noise: dict, *, gamma_attn2, tau0, causal=Fals
     )
 
 
-def fast_mlp(Z: WideTokens, noise: dict, *, gamma_mlp2, c_plus, c_minus) -> WideTokens:
+def mlp_in_law(Z: WideTokens, noise: dict, *, gamma_mlp2, c_plus, c_minus) -> WideTokens:
     r"""MLP sub-layer in law: $U = F_Z N_\text{pre}$ (the pre-activation), $H = \varphi(U)$,
     $R = F_H N_\text{post}$, with $F_ZF_Z^\top = ZZ^\top/n$ and $F_HF_H^\top = HH^\top/n$."""
     n = Z.shape[-1]
@@ -213,11 +213,11 @@ def fast_mlp(Z: WideTokens, noise: dict, *, gamma_mlp2, c_plus, c_minus) -> Wide
     return mlp_sublayer(Z, gaussian_product(H, noise["N_post"]), gamma_mlp2=gamma_mlp2, c=c)
 
 
-def fast_block(X: WideTokens, noise: dict, **hyper) -> WideTokens:
+def block_in_law(X: WideTokens, noise: dict, **hyper) -> WideTokens:
     """One block, attention then MLP, in law (`hyper`: the attention and MLP keywords)."""
-    Z = fast_attention(X, noise, gamma_attn2=hyper["gamma_attn2"], tau0=hyper["tau0"],
+    Z = attention_in_law(X, noise, gamma_attn2=hyper["gamma_attn2"], tau0=hyper["tau0"],
                        causal=hyper.get("causal", False), shaped=hyper.get("shaped", True))
-    return fast_mlp(Z, noise, gamma_mlp2=hyper["gamma_mlp2"], c_plus=hyper["c_plus"], c_minus=hyper["c_minus"])
+    return mlp_in_law(Z, noise, gamma_mlp2=hyper["gamma_mlp2"], c_plus=hyper["c_plus"], c_minus=hyper["c_minus"])
 
 
 def tokens_from_kernel(V0: Kernel, n: int) -> WideTokens:
@@ -254,7 +254,7 @@ def shaped_network_kernels(
 ) -> KernelPath:
     r"""Kernels $V_l = X_lX_l^\top/n$, l = 0..L, of one random shaped transformer at initialisation.
 
-    The network is exact in law (module docstring; SHAPED.md §1 and §3), costs O(L m^2 n) and
+    The network is exact in law (module docstring; docs/shaped_sde.md §1), costs O(L m^2 n) and
     starts from $X_0 = \sqrt n[\mathrm{chol}(V_0)|0]$. It is a pure function of `key`, so
     `jax.vmap` over keys runs many networks at once:
     `jax.vmap(lambda k: shaped_network_kernels(k, V0, n=64, ...))(jax.random.split(key, B))`.
@@ -286,7 +286,7 @@ def shaped_network_kernels(
                  c_minus=c_minus, causal=causal, shaped=shaped)
 
     def step(X, k):
-        X = fast_block(X, block_noise(k, m, n, n_k, V0.dtype), **hyper)
+        X = block_in_law(X, block_noise(k, m, n, n_k, V0.dtype), **hyper)
         return X, gram(X)
 
     X0 = tokens_from_kernel(V0, n)
@@ -299,7 +299,7 @@ def literal_block(X: WideTokens, W_Q, W_K, W_V, W_pre, W_post, *, gamma_attn2, g
                   c_plus, c_minus, causal=False, shaped=True) -> WideTokens:
     r"""One block with given weights: $Q = XW_Q/\sqrt n$, $K = XW_K/\sqrt n$, $Y = XW_V/\sqrt n$,
     $Z$ = `attention_sublayer`, $R = \varphi(ZW_\text{pre}/\sqrt n)W_\text{post}/\sqrt n$,
-    $X'$ = `mlp_sublayer` (SHAPED.md §1)."""
+    $X'$ = `mlp_sublayer` (docs/shaped_sde.md §1)."""
     n = X.shape[-1]
     r = 1.0 / math.sqrt(n)
     Z = attention_sublayer(X, (X @ W_Q) * r, (X @ W_K) * r, (X @ W_V) * r,
@@ -310,7 +310,7 @@ def literal_block(X: WideTokens, W_Q, W_K, W_V, W_pre, W_post, *, gamma_attn2, g
 
 
 class ShapedTransformer(nnx.Module):
-    r"""The finite shaped transformer with literal i.i.d. N(0,1) weights (SHAPED.md §1).
+    r"""The finite shaped transformer with literal i.i.d. N(0,1) weights (docs/shaped_sde.md §1).
 
     Block l holds $W_Q^{(l)}, W_K^{(l)} \in \mathbb R^{n\times n_k}$ and
     $W_V^{(l)}, W_\text{pre}^{(l)}, W_\text{post}^{(l)} \in \mathbb R^{n\times n}$. They are stored

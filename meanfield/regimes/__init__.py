@@ -1,0 +1,30 @@
+"""Regimes of a run: observed (label a simulated solution) and predicted (spectral criteria, a priori).
+
+- `observed`: `classify(solution)` -> code into `REGIMES = ("collapse", "stable", "blowup", "failed")`
+  from a finished particle or Gaussian solution (`regime_code` from saved observables).
+- `predicted`: `predict_regime(model, m0, S0)` -> (label, details): the Gaussian moment ODE's long-depth
+  label in `LABELS = ("equilibrium", "collapse", "blowup", "unknown")` and, where it can, the blow-up time,
+  from the parameters alone; checked against `simulate_gaussian` (docs/criteria.md).
+"""
+
+from . import observed as observed
+from . import predicted as predicted
+from .observed import BLOWUP as BLOWUP
+from .observed import COLLAPSE as COLLAPSE
+from .observed import FAILED as FAILED
+from .observed import REGIMES as REGIMES
+from .observed import STABLE as STABLE
+from .observed import classify as classify
+from .observed import regime_code as regime_code
+from .predicted import CLASSES as CLASSES
+from .predicted import LABELS as LABELS
+from .predicted import precision_flow as precision_flow
+from .predicted import predict_regime as predict_regime
+from .predicted import scalar_regime as scalar_regime
+from .predicted import simulated_regime as simulated_regime
+from .predicted import validation_grid as validation_grid
+
+__all__ = [
+    "observed", "predicted", "REGIMES", "COLLAPSE", "STABLE", "BLOWUP", "FAILED", "regime_code", "classify",
+    "LABELS", "CLASSES", "predict_regime", "scalar_regime", "precision_flow", "simulated_regime", "validation_grid",
+]
