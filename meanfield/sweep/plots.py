@@ -2,7 +2,8 @@
 
 Colours are the Okabe-Ito colour-blind-safe palette: collapse blue, stable bluish green,
 blow-up vermillion, failed solves grey. A spectral-ratio axis is drawn on a log scale with the 1:1 rule's
-stable band 0.5 <= rho <= 2 marked.
+stable band 0.5 <= rho <= 2 marked. Each regime-map cell is labelled with the number the regime rule
+decided on (`deciding_values`, `blowup_values`): the final rank-one distance, or the blow-up depth.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import xarray as xr
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.patches import Patch
 
-from ..regimes import REGIMES
+from ..regimes.observed import REGIMES
+from ..rule.band import BAND
 
 REGIME_COLORS = ("#0072B2", "#009E73", "#D55E00", "#999999")
 LINE_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -75,25 +77,90 @@ def _mode(x: np.ndarray) -> int:
     return int(vals[np.argmax(counts)])
 
 
+def run_collapse_tol(ds: xr.Dataset) -> float:
+    """The run's `regimes.collapse_tol` (from its stored config), else the default 1e-2."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(ds.attrs.get("config_yaml", "")) or {}
+        return float((tree.get("regimes") or {}).get("collapse_tol", 1e-2))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return 1e-2
+
+
+def deciding_values(ds: xr.Dataset) -> tuple[np.ndarray, str] | None:
+    """Per point, the number the regime rule decided collapse against stable on, and its name.
+
+    Particles and Gaussian moments: the final `rank_one_distance` (collapse below `collapse_tol`);
+    the shaped SDE: `1 - corr_mean` at t1 (its collapse test). None when that observable was not
+    recorded. Blown-up and failed points get NaN here (see `blowup_values`)."""
+    reg = ds["regime"].values
+    if "rank_one_distance" in ds:
+        vals, name = final_values(ds["rank_one_distance"]).values.astype(float), "rank_one_distance"
+    elif "corr_mean" in ds:
+        vals, name = 1.0 - final_values(ds["corr_mean"]).values.astype(float), "1 - corr_mean"
+    else:
+        return None
+    return np.where((reg == REGIMES.index("collapse")) | (reg == REGIMES.index("stable")), vals, np.nan), name
+
+
+def blowup_values(ds: xr.Dataset) -> tuple[np.ndarray, str]:
+    """Per point, the number that marks a blow-up: the exploded fraction of shaped-SDE paths (blow-up
+    above 0.5), else the blow-up depth (the event, or the first save whose RMS norm grew past
+    `growth_limit`). NaN for points that did not blow up."""
+    blown = ds["regime"].values == REGIMES.index("blowup")
+    if "exploded_fraction" in ds:
+        return np.where(blown, ds["exploded_fraction"].values.astype(float), np.nan), "exploded fraction"
+    bt = ds["blowup_time"].values.astype(float) if "blowup_time" in ds else np.full(blown.shape, np.nan)
+    return np.where(blown & np.isfinite(bt), bt, np.nan), "blow-up depth t"
+
+
+def compact(v: float) -> str:
+    """A number in at most about six characters: 0.37, 12, 0.0071, 3e-5."""
+    if not np.isfinite(v):
+        return ""
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e3:
+        return f"{v:.2g}"
+    mant, exp = f"{v:.0e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
 def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank", ax=None):
-    """Cells over (x, y) coloured by regime (the most frequent over the other axes, e.g. seeds),
-    annotated with the mean final value of `observable`."""
+    """Cells over (x, y) coloured by regime (the most frequent over the other axes, e.g. seeds; a tie
+    goes to the first in `REGIMES` order, so one collapsed seed of two makes a collapse cell),
+    annotated with the quantity that decided it: the median over the cell's points of that regime
+    of the final `rank_one_distance` (collapse below `collapse_tol`; `1 - corr_mean` for the shaped
+    SDE), or, in blow-up cells, of the blow-up depth "t=..." (shaped SDE: the exploded fraction).
+    When the collapse quantity was not recorded, cells show the mean final value of `observable`."""
     for axis in (x, y):
         if axis not in ds.coords:
             raise ValueError(f"regime_map: `{axis}` is not a sweep axis of this run; axes: {ds.attrs.get('sweep_axes', '')}")
     xs = np.unique(ds[x].values)
     ys = np.unique(ds[y].values)
     reg = np.full((ys.size, xs.size), np.nan)
-    obs = np.full((ys.size, xs.size), np.nan)
-    fin = final_values(ds[observable]).values if observable in ds else None
+    text = np.full((ys.size, xs.size), "", dtype=object)
+    decided = deciding_values(ds)
+    blown, blown_name = blowup_values(ds)
+    fin = final_values(ds[observable]).values if (decided is None and observable in ds) else None
     xv, yv, rv = ds[x].values, ds[y].values, ds["regime"].values
+    blowup_code = REGIMES.index("blowup")
     for i, yy in enumerate(ys):
         for j, xx in enumerate(xs):
             sel = (xv == xx) & (yv == yy)
-            if sel.any():
-                reg[i, j] = _mode(rv[sel])
-                if fin is not None:
-                    obs[i, j] = np.nanmean(fin[sel]) if np.isfinite(fin[sel]).any() else np.nan
+            if not sel.any():
+                continue
+            reg[i, j] = _mode(rv[sel])
+            if decided is None:
+                if fin is not None and np.isfinite(fin[sel]).any():
+                    text[i, j] = f"{np.nanmean(fin[sel]):.2g}"
+                continue
+            of_mode = sel & (rv == reg[i, j])
+            vals = (blown if reg[i, j] == blowup_code else decided[0])[of_mode]
+            if np.isfinite(vals).any():
+                v = compact(float(np.nanmedian(vals)))
+                text[i, j] = (f"t={v}" if "depth" in blown_name else v) if reg[i, j] == blowup_code else v
     with plt.rc_context(STYLE):
         if ax is None:
             fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
@@ -113,27 +180,34 @@ def regime_map(ds: xr.Dataset, x: str, y: str, observable: str = "effective_rank
                 set_labels([_label(v) for v in axis_vals])
         cx = px if px is not None else xs
         cy = py if py is not None else ys
-        annotate = fin is not None and xs.size <= 16 and ys.size <= 16  # beyond that the numbers overlap
+        annotate = xs.size <= 16 and ys.size <= 16 and any(text.ravel())  # beyond 16 the numbers overlap
         if annotate:
             for i in range(ys.size):
                 for j in range(xs.size):
-                    if np.isfinite(obs[i, j]):
-                        ax.text(cx[j], cy[i], f"{obs[i, j]:.2g}", ha="center", va="center", fontsize=7, color="white")
+                    if text[i, j]:
+                        ax.text(cx[j], cy[i], text[i, j], ha="center", va="center", fontsize=6.5, color="white")
         for axis, setter in ((x, ax.axvspan), (y, ax.axhspan)):
             if _is_ratio_axis(axis):
-                setter(0.5, 2.0, facecolor="none", edgecolor="black", hatch="//", linewidth=0.8, alpha=0.6)
+                setter(*BAND, facecolor="none", edgecolor="black", hatch="//", linewidth=0.8, alpha=0.6)
         ax.set_xlabel(x)
         ax.set_ylabel(y)
-        title = f"regimes of {ds.attrs.get('name', 'run')}"
-        if annotate:
-            title += f" (numbers: final {observable})"
-        ax.set_title(title)
+        ax.set_title(f"regimes of {ds.attrs.get('name', 'run')}")
         shown = set(np.unique(rv).tolist())  # "failed" only in the legend when some point failed
         handles = [Patch(color=c, label=r) for k, (c, r) in enumerate(zip(REGIME_COLORS, REGIMES))
                    if r != "failed" or k in shown]
         if _is_ratio_axis(x) or _is_ratio_axis(y):
             handles.append(Patch(facecolor="none", edgecolor="black", hatch="//", label="1:1 band 0.5-2"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        legend = ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        if annotate:
+            if decided is None:
+                note = f"numbers: final\n{observable}\n(mean; rank_one_distance\nnot recorded)"
+            else:
+                note = f"numbers: final\n{decided[1]}\n(collapse < {compact(run_collapse_tol(ds))})"
+                if blowup_code in shown:
+                    note += "\nblow-up cells:\n" + ("t = blow-up depth" if "depth" in blown_name else blown_name)
+                note += "\n(median over the\ncell's points)"
+            legend.set_title(note, prop={"size": 8})
+            legend._legend_box.align = "left"
     return ax.figure
 
 
