@@ -201,3 +201,13 @@ def test_bad_attention_values_are_refused():
     for bad in ("flash", {"kind": "dense", "block_size": 64}, {"kind": "blocked", "block_size": 0}, {"rtol": 1e-3}):
         with pytest.raises(ConfigError, match="simulator.attention"):
             config_from_dict(_with(simulator={"attention": bad}))
+
+
+def test_replaced_shaped_rho0_is_refused():
+    """`rho` is the spectral ratio only: the shaped SDE's initial correlation is `shaped.corr0`."""
+    raw = {"name": "s", "simulator": {"kind": "shaped_sde", "t1": 1.0, "dt0": 0.01}, "shaped": {"rho0": 0.3},
+           "observables": ["corr_mean"]}
+    with pytest.raises(ConfigError, match=re.escape("shaped.rho0 was replaced by shaped.corr0 (the initial correlation): corr0: 0.3")):
+        config_from_dict(raw)
+    raw["shaped"] = {"corr0": 0.3}
+    assert config_from_dict(raw).shaped.corr0 == 0.3

@@ -178,7 +178,7 @@ def test_shaped_sde_sweep_matches_direct_call(tmp_path):
 
     raw = {
         "name": "shaped_tiny", "seed": 3,
-        "shaped": {"m": 2, "rho0": 0.3, "gamma_attn2": 0.3, "gamma_mlp2": 0.2, "n_paths": 64},
+        "shaped": {"m": 2, "corr0": 0.3, "gamma_attn2": 0.3, "gamma_mlp2": 0.2, "n_paths": 64},
         "simulator": {"kind": "shaped_sde", "t1": 0.2, "dt0": 0.02, "n_save": 5},
         "sweep": {"grid": {"shaped.tau0": [0.5, 1.0]}},
         "plots": {"curves": None},

@@ -15,6 +15,8 @@ from .observed import FAILED as FAILED
 from .observed import REGIMES as REGIMES
 from .observed import STABLE as STABLE
 from .observed import classify as classify
+from .observed import judged_save as judged_save
+from .observed import particle_regime as particle_regime
 from .observed import regime_code as regime_code
 from .predicted import CLASSES as CLASSES
 from .predicted import LABELS as LABELS
@@ -26,5 +28,5 @@ from .predicted import validation_grid as validation_grid
 
 __all__ = [
     "observed", "predicted", "REGIMES", "COLLAPSE", "STABLE", "BLOWUP", "FAILED", "regime_code", "classify",
-    "LABELS", "CLASSES", "predict_regime", "scalar_regime", "precision_flow", "simulated_regime", "validation_grid",
+    "judged_save", "particle_regime", "LABELS", "CLASSES", "predict_regime", "scalar_regime", "precision_flow", "simulated_regime", "validation_grid",
 ]

@@ -23,9 +23,13 @@ clusters are rank one and count as collapse.
 
 from __future__ import annotations
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 
 from .. import metrics
+from ..simulate.gaussian import GaussianSolution
+from ..simulate.particles import ParticleSolution
 
 REGIMES = ("collapse", "stable", "blowup", "failed")
 COLLAPSE, STABLE, BLOWUP, FAILED = 0, 1, 2, 3
@@ -69,12 +73,6 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
     Accepts a `GaussianSolution` or a `ParticleSolution` that saved token states; for a batched
     solution (a leading axis B) it returns the B codes.
     """
-    import equinox as eqx
-    import jax
-
-    from ..simulate.gaussian import GaussianSolution
-    from ..simulate.particles import ParticleSolution
-
     kw = dict(collapse_tol=collapse_tol, growth_limit=growth_limit)
     batched = (isinstance(solution, GaussianSolution) and solution.means.ndim == 3) or (
         isinstance(solution, ParticleSolution) and getattr(solution.xs, "ndim", 0) == 4)

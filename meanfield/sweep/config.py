@@ -181,7 +181,7 @@ class ShapedConfig(_Strict):
     """The shaped transformer's kernel SDE (Noci et al. 2023; meanfield.shaped, docs/shaped_sde.md)."""
 
     m: int = Field(2, ge=2, le=64, description="number of tokens (kernel size)")
-    rho0: float = Field(0.3, gt=-1, lt=1, description="initial correlation: V0 = (1 - rho0) I + rho0 11^T")
+    corr0: float = Field(0.3, gt=-1, lt=1, description="initial correlation: V0 = (1 - corr0) I + corr0 11^T")
     gamma_attn2: float = Field(0.3, ge=0, le=1, description="attention branch weight gamma_a^2")
     gamma_mlp2: float = Field(0.2, ge=0, le=1, description="MLP branch weight gamma_f^2")
     tau0: float = Field(0.5, gt=0, description="logit temperature scale (tau = tau0 sqrt(n n_k))")
@@ -189,6 +189,13 @@ class ShapedConfig(_Strict):
     c_minus: float = -1.0
     n_paths: int = Field(1000, ge=1, le=1_000_000)
     explode_threshold: float = Field(1e4, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced_keys(cls, data):
+        if isinstance(data, dict) and "rho0" in data:  # rho is the spectral ratio everywhere else
+            raise ValueError(f"shaped.rho0 was replaced by shaped.corr0 (the initial correlation): corr0: {data['rho0']}")
+        return data
 
 
 def _solver_name(v: str) -> str:

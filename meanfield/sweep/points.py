@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import metrics
-from ..regimes import FAILED, classify, regime_code
-from ..regimes.observed import judged_save, particle_regime
+from ..regimes import FAILED, classify, judged_save, particle_regime, regime_code
 from ..model.attention import LowRank, direct_evaluator
 from ..simulate.attention_policy import AUTO_MIN_TOKENS, lowrank_is_faster, resolve_attention
 from ..simulate.gaussian import simulate_gaussian
@@ -51,7 +50,7 @@ def _shaped_point_function(cfg: ExperimentConfig, traced_paths):
         pc = point_config(cfg, {p: values[p] for p in traced_paths})
         t = pc.shaped
         m = sh.m
-        V0 = (1.0 - t.rho0) * jnp.eye(m, dtype=dtype) + t.rho0 * jnp.ones((m, m), dtype)
+        V0 = (1.0 - t.corr0) * jnp.eye(m, dtype=dtype) + t.corr0 * jnp.ones((m, m), dtype)
         _, key = point_keys(pc.seed)
         sol = simulate_shaped_sde(
             key, V0, sim.t1, dt=sim.dt0, gamma_attn2=t.gamma_attn2, gamma_mlp2=t.gamma_mlp2,
