@@ -124,8 +124,6 @@ def plan_group_attention(cfg: ExperimentConfig, group, file_tokens=None) -> LowR
         values = {p: np.asarray(group.values[p])[i] for p in group.traced_paths}
         pc, model, ikey = _point_model(cfg, group.traced_paths, values, dtype)
         X0 = initial_tokens(pc.initial, cfg.model.d, ikey, dtype, file_tokens)
-        if spec.kind == "auto" and X0.shape[0] < AUTO_MIN_TOKENS:
-            return None
         chosen = resolve_attention(spec.evaluator(), model, X0)
         if not isinstance(chosen, LowRank):
             return None
@@ -276,10 +274,11 @@ MAX_ENSEMBLE_CHUNK = 8192
 queues shorten the tail after it empties; chunks stay small enough to be crash-safe)."""
 
 
-def uses_ensemble(cfg: ExperimentConfig, traced_paths=()) -> bool:
+def uses_ensemble(cfg: ExperimentConfig, traced_paths=(), point_by_point: bool = False) -> bool:
     """Whether a group runs on the ensemble integrator (`make_chunk_function`) rather than a vmap of
-    `make_point_function`: particles and moments, except low-rank attention and a swept depth."""
-    return (cfg.simulator.kind in ("particles", "gaussian") and not may_use_lowrank(cfg)
+    `make_point_function`: particles and moments, except groups run point by point (low-rank
+    attention, `schedule.point_by_point`) and a swept depth."""
+    return (cfg.simulator.kind in ("particles", "gaussian") and not point_by_point
             and "simulator.t1" not in traced_paths)
 
 

@@ -28,8 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
 from .plan import Plan
-from .points import (auto_chunk_size, make_chunk_function, make_point_function, may_use_lowrank,
-                     plan_group_attention, uses_ensemble)
+from .points import auto_chunk_size, make_chunk_function, make_point_function, plan_group_attention, uses_ensemble
 from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
 from .watchdog import StallWatch
 
@@ -80,13 +79,29 @@ class WorkStats:
                 "wall_seconds": round(self.wall_seconds, 3), "idle_fraction": round(max(idle, 0.0), 4)}
 
 
-def chunk_grid(plan: Plan, n_dev: int, n_proc: int) -> list[Chunk]:
-    """Every group's chunks, from the plan alone (the same in every process of a launch)."""
+def group_attention(plan: Plan, tokens: dict) -> dict:
+    """Group index -> its planned `LowRank` evaluator, or None for the direct sum
+    (`plan_group_attention`, under the group's dtype): deterministic, so the same in every process."""
+    out = {}
+    for gi, group in enumerate(plan.groups):
+        with jax.enable_x64(group.config.dtype == "float64"):
+            out[gi] = plan_group_attention(group.config, group, tokens.get(gi))
+    return out
+
+
+def point_by_point(cfg, lowrank) -> bool:
+    """Whether a group runs one point at a time: planned low-rank attention, or `attention: lowrank`
+    whose planning fell back to the direct sum (a vmap of the point function, as before planning)."""
+    return lowrank is not None or (cfg.simulator.kind == "particles" and cfg.simulator.attention.kind == "lowrank")
+
+
+def chunk_grid(plan: Plan, n_dev: int, n_proc: int, attention: dict) -> list[Chunk]:
+    """Every group's chunks, from the plan and its `group_attention` (the same in every process of a launch)."""
     grid = []
     for gi, group in enumerate(plan.groups):
         cfg = group.config
         n = len(group.indices)
-        if may_use_lowrank(cfg):
+        if point_by_point(cfg, attention[gi]):
             size = n_dev  # one point per device and chunk (see make_point_function)
         else:
             size = auto_chunk_size(cfg, n_dev, group.traced_paths)
@@ -110,8 +125,8 @@ class _Compiled:
     """The compiled function of each group and batch size, built on first use; compiling (ahead of
     the first call, or loading from JAX's persistent cache) is timed apart in `seconds`."""
 
-    def __init__(self, plan: Plan, tokens: dict, mesh, quiet: bool):
-        self.plan, self.tokens, self.mesh, self.quiet = plan, tokens, mesh, quiet
+    def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool):
+        self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
         self.fns: dict[int, object] = {}
         self.executables: dict[tuple[int, int], object] = {}
         self.seconds = 0.0
@@ -132,8 +147,8 @@ class _Compiled:
         group = self.plan.groups[gi]
         cfg = group.config
         tokens = self.tokens.get(gi)
-        lowrank = plan_group_attention(cfg, group, tokens)
-        if lowrank is None and uses_ensemble(cfg, group.traced_paths):
+        lowrank = self.attention[gi]
+        if uses_ensemble(cfg, group.traced_paths, point_by_point(cfg, lowrank)):
             # The ensemble integrator: each device runs its own pool over its share of the chunk.
             chunk = make_chunk_function(cfg, group.traced_paths, tokens, lanes=cfg.output.lanes)
             if self.mesh is not None:
@@ -168,8 +183,9 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
     n_dev = len(devices)
     mesh = Mesh(np.array(devices), ("points",)) if n_dev > 1 else None
     h = index.config_hash
-    grid = chunk_grid(plan, n_dev, n_proc)
-    compiled = _Compiled(plan, tokens, mesh, quiet)
+    attention = group_attention(plan, tokens)
+    grid = chunk_grid(plan, n_dev, n_proc, attention)
+    compiled = _Compiled(plan, tokens, attention, mesh, quiet)
     stats = WorkStats(proc, n_proc)
     pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
     tag = f"[{plan.config.name}{f' p{proc}' if n_proc > 1 else ''}]"
