@@ -190,26 +190,24 @@ def _description(f: Path) -> str:
     return desc.strip().splitlines()[0] if isinstance(desc, str) and desc.strip() else ""
 
 
-def _cmd_list(args) -> int:
+def _list_files(dirs, tag: str = "") -> bool:
+    """Print each YAML file of `dirs` (the first of a name wins) with its description; whether any was found."""
     seen = set()
-    for d in EXPERIMENTS_DIRS:
+    for d in dirs:
         for f in sorted(d.glob("*.yaml")):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-            print(f"{f.stem:28} {_description(f)}")
-            print(f"{'':28} {f}")
-    if not seen:
+            if f.name not in seen:
+                seen.add(f.name)
+                print(f"{f.stem:28} {tag}{_description(f)}")
+                print(f"{'':28} {f}")
+    return bool(seen)
+
+
+def _cmd_list(args) -> int:
+    if not _list_files(EXPERIMENTS_DIRS):
         print("no shipped experiments found (looked in: " + ", ".join(map(str, EXPERIMENTS_DIRS)) + ")")
     from .train.cli import TRAINING_DIRS
 
-    shown = set()
-    for d in TRAINING_DIRS:
-        for f in sorted(d.glob("*.yaml")):
-            if f.name not in shown:
-                shown.add(f.name)
-                print(f"{f.stem:28} (meanfield train) {_description(f)}")
-                print(f"{'':28} {f}")
+    _list_files(TRAINING_DIRS, "(meanfield train) ")
     return 0
 
 

@@ -66,11 +66,11 @@ def particle_sweep(quick: bool, out_dir: Path):
     """Run (or resume) the `one_to_one_rule` experiment; quick: 8 rho x beta 1 x seed 0."""
     import yaml
 
-    from ..sweep.plan import EXPERIMENTS_DIRS, config_from_dict
+    from ..sweep.plan import config_from_dict, find_experiment
     from ..sweep.run import run_experiment
 
-    path = next((d / "one_to_one_rule.yaml" for d in EXPERIMENTS_DIRS if (d / "one_to_one_rule.yaml").is_file()), None)
-    if path is None:
+    path = Path(find_experiment("one_to_one_rule"))
+    if not path.is_file():
         raise FileNotFoundError("experiments/one_to_one_rule.yaml not found (run from the repository root)")
     raw = yaml.safe_load(path.read_text())
     run_dir = Path("runs") / "one_to_one_rule"

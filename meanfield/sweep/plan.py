@@ -22,11 +22,11 @@ import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from ..model.attention import DENSE_MAX_TOKENS
 from .config import ExperimentConfig, axis_values, float32_overflow
@@ -197,14 +197,14 @@ EXPERIMENTS_DIRS = (Path.cwd() / "experiments", Path(__file__).resolve().parents
 """Where shipped experiments are looked up by name: ./experiments, then the repository's."""
 
 
-def find_experiment(file: str) -> str:
+def find_experiment(file: str, dirs=EXPERIMENTS_DIRS) -> str:
     """An existing path (or any name with a suffix) as given, else the shipped experiment of that name
-    (`quickstart` -> experiments/quickstart.yaml, the first of `EXPERIMENTS_DIRS` holding it), else
-    `file` unchanged (`load_config` then names it as missing)."""
+    (`quickstart` -> experiments/quickstart.yaml, the first of `dirs` holding it), else `file`
+    unchanged (`load_config` then names it as missing)."""
     p = Path(file)
     if p.exists() or p.suffix:
         return file
-    for d in EXPERIMENTS_DIRS:
+    for d in dirs:
         cand = d / f"{file}.yaml"
         if cand.is_file():
             return str(cand)
@@ -240,14 +240,23 @@ def read_yaml_file(path: str | Path, what: str = "experiment file"):
     return parse_yaml(text, str(path))
 
 
-def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
-    """Validate a parsed config; `check_files` also requires `initial.path` to exist."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_mapping(schema: type[M], raw: Any, source: str) -> M:
+    """`schema.model_validate(raw)` for a parsed YAML file; ConfigError naming `source` and the field
+    (`format_validation`), or saying the file does not hold a mapping."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the file must hold a mapping (name:, model:, ...); got {type(raw).__name__}")
     try:
-        cfg = ExperimentConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation(err, source)) from None
+
+
+def config_from_dict(raw: Any, source: str = "<config>", *, check_files: bool = True) -> ExperimentConfig:
+    """Validate a parsed config; `check_files` also requires `initial.path` to exist."""
+    cfg = validate_mapping(ExperimentConfig, raw, source)
     if cfg.initial.kind == "file" and check_files:
         f = Path(cfg.initial.path)
         if not f.is_absolute() and source not in ("<config>",):

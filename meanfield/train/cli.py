@@ -45,23 +45,12 @@ TRAINING_DIRS = (Path.cwd() / "experiments" / "training",
                  Path(__file__).resolve().parents[2] / "experiments" / "training")
 
 
-def resolve(file: str) -> str:
-    """An existing path, or the name of a shipped training file (`training_telemetry` ->
-    experiments/training/training_telemetry.yaml)."""
-    p = Path(file)
-    if p.exists() or p.suffix:
-        return file
-    for d in TRAINING_DIRS:
-        if (d / f"{file}.yaml").is_file():
-            return str(d / f"{file}.yaml")
-    return file
-
-
 def run(args) -> int:
+    from ..sweep.plan import find_experiment
     from .config import load_train_config
     from .loop import train_grid
 
-    file = resolve(args.file)
+    file = find_experiment(args.file, TRAINING_DIRS)  # `training_telemetry` -> experiments/training/...yaml
     cfg = load_train_config(file)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     results = train_grid(cfg, out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..rule.band import BAND
-from ..sweep.plan import ConfigError, format_validation, read_yaml_file, set_path
+from ..sweep.plan import ConfigError, format_validation, read_yaml_file, set_path, validate_mapping
 
 
 class _Section(BaseModel):
@@ -202,11 +202,6 @@ def load_train_config(path: str | Path) -> TrainConfig:
 
 
 def train_config_from_dict(raw: Any, source: str = "<config>") -> TrainConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the file must hold a mapping (name:, model:, ...); got {type(raw).__name__}")
-    try:
-        cfg = TrainConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation(err, source)) from None
+    cfg = validate_mapping(TrainConfig, raw, source)
     cfg.runs()  # every grid combination must be valid before anything runs
     return cfg
