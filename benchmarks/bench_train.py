@@ -101,14 +101,13 @@ def main() -> None:
             wall_on, ds_on = timed_run(config(d, steps, 50, 100), root, f"on{d}")
             wall_guard, ds_guard = timed_run(config(d, steps, steps, 0, guard=True), root, f"guard{d}")
             # updates only, from the record at step 50 on: the first step's compile excluded
-            first = 1
             ts = ds_on.train_seconds.values
             per_step = float(ts[-1] - ts[1]) / (steps - int(ds_on.step.values[1]))
             flops = 6 * n_params * 16 * 128
             gflops = flops / per_step / 1e9
             overhead = wall_on / wall_off - 1
             guard_cost = wall_guard / wall_off - 1
-            tel = ds_on.telemetry_seconds.values[first:]
+            tel = ds_on.telemetry_seconds.values[1:]
             row = dict(d_model=d, params=n_params, matmul_mlp_shape_gflops=mlp, step_ms=per_step * 1e3,
                        train_gflops=gflops, fraction_of_floor=gflops / floor, wall_no_telemetry_s=wall_off,
                        wall_telemetry_k50_s=wall_on, telemetry_overhead=overhead, wall_guard_s=wall_guard,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from . import _display as D
 from ._display import Summarised, Summary
 from .model.attention import AbstractAttention
 from .model.field import moment_field, particle_field
@@ -61,8 +62,6 @@ class LyapunovResult(Summarised, _LyapunovFields):
 
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
-        from . import _display as D
-
         rows = [("exponents", D.num(self.exponents)), ("drift", D.num(self.drift)),
                 ("intervals", str(self.running.shape[-2]) if getattr(self.running, "ndim", 0) >= 2 else "?"),
                 ("ts", D.span(self.ts)), ("finite", D.flag(self.finite))]

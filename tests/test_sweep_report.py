@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from meanfield.regimes import REGIMES
 from meanfield.sweep.plots import compact, deciding_values, regime_map
 from meanfield.sweep.run import summary_table
 
-COLLAPSE, STABLE, BLOWUP, FAILED = 0, 1, 2, 3
+COLLAPSE, STABLE, BLOWUP, FAILED = (REGIMES.index(r) for r in ("collapse", "stable", "blowup", "failed"))
 
 
 def _dataset(rank_one=True):

@@ -4,7 +4,7 @@ back as the very blocks that were trained. One tiny model shape (each shape is a
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import signal
 import subprocess
@@ -21,7 +21,7 @@ from flax import nnx
 from meanfield.checkpoints import load_checkpoint
 from meanfield.cli import main
 from meanfield.nets import Decoder
-from meanfield.sweep.plan import ConfigError
+from meanfield.sweep.plan import ConfigError, set_path
 from meanfield.train import TrainingInterrupted, train
 from meanfield.train.config import train_config_from_dict
 from meanfield.train.corpus import load_corpus, stdlib_bytes
@@ -41,13 +41,9 @@ TIMING = ("train_seconds", "telemetry_seconds")
 
 
 def tiny(**over):
-    raw = json.loads(json.dumps(TINY))
+    raw = copy.deepcopy(TINY)
     for path, value in over.items():
-        node = raw
-        *head, last = path.split(".")
-        for h in head:
-            node = node.setdefault(h, {})
-        node[last] = value
+        set_path(raw, path, value)
     return train_config_from_dict(raw)
 
 

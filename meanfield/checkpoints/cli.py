@@ -64,21 +64,11 @@ def _error(msg: str) -> int:
 
 
 def _read_probe(path, d: int) -> np.ndarray:
-    """Tokens (n, d) from a .npy file: the shape read from the header first, then `read_tokens_file`'s checks
-    (no pickles, a real dtype, a size limit, finite values). ValueError naming the file."""
+    """Tokens (n, d) from a .npy file, any n >= 1, with `read_tokens_file`'s checks (no pickles, a real
+    dtype, a size limit, finite values). ValueError naming the file."""
     from ..sweep.store import read_tokens_file
 
-    shape = None
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape = tuple(read(f)[0])
-    except (ValueError, OSError, EOFError):
-        pass  # read_tokens_file says what is wrong
-    if shape is not None and (len(shape) != 2 or shape[1] != d or shape[0] < 1):
-        raise ValueError(f"{path}: array shape {shape} is not (n, d_model) = (n, {d}) with n >= 1")
-    return read_tokens_file(pathlib.Path(path), shape if shape is not None else (0, d))
+    return read_tokens_file(pathlib.Path(path), (None, d), "(n, d_model)")
 
 
 def probe(args, d: int) -> tuple[np.ndarray, str]:
@@ -97,8 +87,6 @@ def probe(args, d: int) -> tuple[np.ndarray, str]:
     seed = 0 if args.seed is None else args.seed
     if n < 1:
         raise ValueError(f"--probe-tokens: must be >= 1; got {n}")
-    if seed < 0:
-        raise ValueError(f"--seed: must be >= 0; got {seed}")
     X = np.random.default_rng(seed).standard_normal((n, d))
     return X, f"{n} N(0, I) tokens (numpy default_rng({seed}).standard_normal((n, d_model)))"
 
@@ -135,7 +123,8 @@ def add_lyapunov(ds, lyap, probe_line: str, k: int, n_tokens: int, float64: bool
     ds.attrs.update(lyapunov_probe=probe_line, lyapunov_tokens=n_tokens, lyapunov_k=k,
                     lyapunov_precision="float64" if float64 else "float32",
                     lyapunov_method="meanfield.lyapunov.decoder_lyapunov on meanfield.nets.Decoder.from_checkpoint "
-                                    "(initial tangents: the first k coordinate directions of the flattened (n, d_model) state)")
+                                    "(initial tangents: k random orthonormal directions of the flattened (n, d_model) state, from "
+                                    "jax.random.key(--seed))")
 
 
 def print_lyapunov(ds) -> None:
@@ -296,7 +285,7 @@ def run(args) -> int:
             return _error(f"{path}: --lyapunov cannot run this checkpoint's forward pass ({exc})")
         except MemoryError:
             return _error(f"{path}: --lyapunov: out of memory")
-        if not (lyap["finite"] and np.all(np.isfinite(lyap["exponents"])) and np.all(np.isfinite(lyap["running"]))):
+        if not (lyap["finite"] and np.all(np.isfinite(lyap["running"]))):  # exponents = running[-1]
             return _error(f"{path}: --lyapunov gave non-finite exponents (the forward pass on the probe tokens overflows or "
                           "a Jacobian is singular), so none are reported.")
         add_lyapunov(ds, lyap, probe_line, k, X.shape[0], args.float64)

@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _display as D
 from .._display import Summarised, Summary
 from ..simulate.checks import (
     all_finite, check_finite, check_model_finite, check_number, check_solver_options, check_span,
 )
-from ..simulate.solvers import default_tolerances, make_controller, make_solver, progress_meter, save_times
+from ..simulate.solvers import make_controller, make_solver, progress_meter, save_times
 from . import grid as _grid
 from .velocity import apply_operator, check_model, layer_operator, resolve_method
 
@@ -107,8 +108,6 @@ class DensitySolution(Summarised):
 
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`; host arrays, shapes and scalars only)."""
-        from .. import _display as D
-
         rows = [("ts", D.span(self.ts)), ("density", D.shape(self.density)),
                 ("modes", str(sorted(set(np.asarray(self.modes).tolist())))),
                 ("t_end", D.num(self.t_end)), ("resolved", str(bool(self.resolved))),
@@ -278,9 +277,8 @@ def simulate_density(
         warnings.warn(msg, UnderResolvedWarning, stacklevel=2)
     solver_obj, adaptive = make_solver(solver)
     ts = np.asarray(save_times(t0, t1, ts, n_save, dtype, where))
-    d_rtol, d_atol = default_tolerances(dtype, "density")
-    controller = make_controller(adaptive, dt0=dt0, rtol=d_rtol if rtol is None else rtol,
-                                 atol=d_atol if atol is None else atol, dtype=dtype, jump_ts=model.layer_times)
+    controller = make_controller(adaptive, dt0=dt0, rtol=rtol, atol=atol, dtype=dtype, jump_ts=model.layer_times,
+                                 problem="density")
     T = len(ts)
     saved: list = [None] * T
     save_modes = np.zeros(T, int)

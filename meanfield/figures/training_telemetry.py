@@ -48,11 +48,10 @@ def _load_config(quick: bool):
     return train_config_from_dict(raw, str(EXPERIMENT))
 
 
-def run_grid(quick: bool, run_root: Path | None = None) -> dict:
-    """label -> telemetry dataset of every run of the grid (trained, or read back when finished)."""
+def run_grid(cfg, quick: bool, run_root: Path | None = None) -> dict:
+    """label -> telemetry dataset of every run of the grid `cfg` (trained, or read back when finished)."""
     from ..train.loop import train_grid
 
-    cfg = _load_config(quick)
     if run_root is None:
         run_root = Path("runs") / cfg.name
     return train_grid(cfg, run_root, resume=True, quiet=quick)
@@ -108,27 +107,24 @@ def findings(results: dict, band=BAND) -> dict:
     return out
 
 
-def _parse(label: str) -> dict:
-    return dict(part.split("=", 1) for part in label.split(","))
-
-
 def render(out_dir, quick: bool = False) -> FigureResult:
     import matplotlib.pyplot as plt
 
     name = "training_telemetry_quick" if quick else "training_telemetry"
     t0 = time.time()
+    cfg = _load_config(quick)
     if quick:
         with tempfile.TemporaryDirectory() as tmp:
-            results = run_grid(True, Path(tmp))
+            results = run_grid(cfg, True, Path(tmp))
     else:
-        results = run_grid(False)
+        results = run_grid(cfg, False)
     seconds = time.time() - t0
-    cfg = _load_config(quick)
     band = cfg.guard.band
     table = findings(results, band)
+    runs = dict(cfg.runs())  # label -> that run's config
 
-    gains = sorted({float(_parse(k)["mlp_out_gain"]) for k in results})
-    norms = [n for n in ("pre_ln", "none") if any(_parse(k)["norm"] == n for k in results)]
+    gains = sorted({runs[k].model.mlp_out_gain for k in results})
+    norms = [n for n in ("pre_ln", "none") if any(runs[k].model.norm == n for k in results)]
     colors = dict(zip(gains, ("tab:blue", "tab:green", "tab:red", "tab:purple")))
     fig, axes = plt.subplots(len(norms), 3, figsize=(15, 4.0 * len(norms)), squeeze=False)
     excursion = 0.0
@@ -136,10 +132,10 @@ def render(out_dir, quick: bool = False) -> FigureResult:
         ax, bx, cx = axes[r]
         ax.axhspan(*band, color="tab:green", alpha=0.12, lw=0)
         for label, ds in results.items():
-            p = _parse(label)
-            if p["norm"] != norm:
+            run = runs[label]
+            if run.model.norm != norm:
                 continue
-            g, guard = float(p["mlp_out_gain"]), p["guard"] == "true"
+            g, guard = run.model.mlp_out_gain, run.guard.enabled
             c = colors[g]
             steps = ds.step.values
             if guard:

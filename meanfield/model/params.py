@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _display as D
 from .._display import Summarised, Summary
 
 ATTENTIONS = ("softmax", "unnormalised", "shaped", "none")
@@ -406,8 +407,6 @@ class Model(Summarised, eqx.Module):
     # -- display ------------------------------------------------------------------------
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
-        from .. import _display as D
-
         rows = [("d", str(self.d))]
         if self.attention == "none":
             rows.append(("attention", "none"))

@@ -15,6 +15,7 @@ orders are static shapes, so planning needs concrete `model` and `X0`: under an 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import equinox as eqx
@@ -111,24 +112,23 @@ def resolve_attention(attention: AbstractAttention, model, X0: Tokens) -> Abstra
         raise ValueError(f"`attention` must be an evaluator (Auto(), Dense(), Blocked(...), LowRank(...)); "
                          f"got {attention!r} of type {type(attention).__name__}.")
     n, d = X0.shape[-2], X0.shape[-1]
+    if not isinstance(attention, (Auto, LowRank)):
+        return attention
+    rtol = default_rtol(model.dtype) if attention.rtol is None else attention.rtol
     if isinstance(attention, Auto):
         if model.attention not in _LOWRANK_ATTENTION or _is_traced(model, X0):
             return direct_evaluator(n)
-        rtol = default_rtol(model.dtype) if attention.rtol is None else attention.rtol
         orders = plan_orders(model, X0, rtol)
         if orders is None or not lowrank_is_faster(n, d, orders):
             return direct_evaluator(n)
         return LowRank(orders=orders, rtol=rtol, fallback=Blocked())
-    if not isinstance(attention, LowRank):
-        return attention
-    rtol = default_rtol(model.dtype) if attention.rtol is None else attention.rtol
     if attention.orders is not None:
         if len(attention.orders) != d or model.attention not in _LOWRANK_ATTENTION:
             raise ValueError(
                 f"LowRank: `orders` must hold d = {d} positive integers and needs softmax or unnormalised "
                 f"attention; got {attention.orders} with {model.attention!r}."
             )
-        return LowRank(orders=attention.orders, rtol=rtol, fallback=attention.fallback, chunk=attention.chunk)
+        return dataclasses.replace(attention, rtol=rtol)
     if model.attention not in _LOWRANK_ATTENTION:
         return attention.fallback
     if _is_traced(model, X0):
@@ -144,4 +144,4 @@ def resolve_attention(attention: AbstractAttention, model, X0: Tokens) -> Abstra
             stacklevel=3,
         )
         return attention.fallback
-    return LowRank(orders=orders, rtol=rtol, fallback=attention.fallback, chunk=attention.chunk)
+    return dataclasses.replace(attention, orders=orders, rtol=rtol)

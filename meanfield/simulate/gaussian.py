@@ -34,6 +34,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import _display as D
 from .._display import Summarised, Summary
 from .._linalg import matmul
 from .._types import Cov, Mean
@@ -77,8 +78,6 @@ class GaussianSolution(Summarised, eqx.Module):
 
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
-        from .. import _display as D
-
         *batch, T, d = self.means.shape
         rows = [("ts", D.span(self.ts)), ("d", str(d)), ("means", D.shape(self.means)),
                 ("covs", D.shape(self.covs))]

@@ -16,6 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .. import _display as D
 from .._display import Summarised, Summary
 from .._types import Tokens
 from ..model.attention import AbstractAttention, LowRank, direct_evaluator
@@ -66,8 +67,6 @@ class ParticleSolution(Summarised, eqx.Module):
 
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
-        from .. import _display as D
-
         if isinstance(self.xs, jax.Array) and self.xs.ndim >= 3:
             *batch, T, n, d = self.xs.shape
             rows = [("ts", D.span(self.ts)), ("xs", D.shape(self.xs)), ("n", str(n)), ("d", str(d))]

@@ -86,13 +86,14 @@ def default_tolerances(dtype, problem: str = "ode") -> tuple[float, float]:
     return _TOLERANCES[problem]["float64" if jnp.dtype(dtype) == jnp.float64 else "float32"]
 
 
-def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None):
-    """A PID controller (adaptive) or a constant step (fixed, `dt0` required)."""
+def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None, problem: str = "ode"):
+    """A PID controller (adaptive; rtol / atol None: `default_tolerances(dtype, problem)`) or a
+    constant step (fixed, `dt0` required)."""
     if not adaptive:
         if dt0 is None:
             raise ValueError("a fixed-step solver needs `dt0` (the step size); got None.")
         return diffrax.ConstantStepSize()
-    d_rtol, d_atol = default_tolerances(dtype)
+    d_rtol, d_atol = default_tolerances(dtype, problem)
     return diffrax.PIDController(
         rtol=d_rtol if rtol is None else rtol,
         atol=d_atol if atol is None else atol,

@@ -19,6 +19,7 @@ from matplotlib.patches import Patch
 
 from ..regimes.observed import REGIMES
 from ..rule.band import BAND
+from .config import RegimeConfig, RegimeMapPlot
 
 REGIME_COLORS = ("#0072B2", "#009E73", "#D55E00", "#999999")
 LINE_COLORS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -78,14 +79,15 @@ def _mode(x: np.ndarray) -> int:
 
 
 def run_collapse_tol(ds: xr.Dataset) -> float:
-    """The run's `regimes.collapse_tol` (from its stored config), else the default 1e-2."""
+    """The run's `regimes.collapse_tol` (from its stored config), else the schema's default (1e-2)."""
     import yaml
 
+    default = RegimeConfig().collapse_tol
     try:
         tree = yaml.safe_load(ds.attrs.get("config_yaml", "")) or {}
-        return float((tree.get("regimes") or {}).get("collapse_tol", 1e-2))
+        return float((tree.get("regimes") or {}).get("collapse_tol", default))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return 1e-2
+        return default
 
 
 def deciding_values(ds: xr.Dataset) -> tuple[np.ndarray, str] | None:
@@ -302,8 +304,6 @@ def plot_run(ds: xr.Dataset, cfg, fig_dir: Path) -> list[Path]:
     rm = cfg.plots.regime_map
     grid_axes = [a for a in ds.attrs.get("grid_axes", "").split() if np.issubdtype(ds[a].dtype, np.number)]
     if rm is None and len(grid_axes) >= 2:
-        from .config import RegimeMapPlot
-
         non_seed = [a for a in grid_axes if a != "seed"]
         if len(non_seed) >= 2:
             rm = RegimeMapPlot(x=non_seed[0], y=non_seed[1], observable=cfg.observable_names()[0])

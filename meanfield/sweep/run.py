@@ -319,7 +319,7 @@ def merge_run(run_dir: str | Path, *, plots: bool = True) -> RunResult:
 
 def summary_table(ds: xr.Dataset) -> str:
     """A short text summary: regime counts overall and along the first sweep axis. Each row ends with
-    the quantity that decided collapse against stable (`_final_name`; the final rank-one distance,
+    the quantity that decided collapse against stable (`_final_column`; the final rank-one distance,
     collapse below `regimes.collapse_tol`) as its least and largest value over the row's collapse and
     stable points; the shaped SDE also shows its exploded fraction (blow-up above 0.5). A run that did
     not record that quantity shows the mean final value of its first recorded observable instead."""
@@ -338,10 +338,10 @@ def summary_table(ds: xr.Dataset) -> str:
         vals = ds[axis].values
         uniq = list(dict.fromkeys(vals.tolist()))
         if len(uniq) <= 40:
-            columns = [(_final_name(ds), _final_values(ds))]
+            heading, values, ranges = _final_column(ds)
+            columns = [(heading, values)]
             if "exploded_fraction" in ds:
                 columns.append(("exploded_fraction", ds["exploded_fraction"].values.astype(float)))
-            ranges = "(mean" not in columns[0][0]
             if ranges:
                 lines.append(f"last column{'s' if len(columns) > 1 else ''}: least .. largest value per row; "
                              f"{columns[0][0]} over the collapse and stable points (collapse below "
@@ -367,28 +367,16 @@ def summary_table(ds: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
-def _final_name(ds) -> str:
-    """The summary column's heading: the quantity that decided collapse against stable, or (not
-    recorded) the mean final value of a recorded observable."""
-    from .plots import deciding_values
-
-    decided = deciding_values(ds)
-    if decided is not None:
-        return f"final {decided[1]}"
-    for name in ("effective_rank", "cov_trace", "corr_mean"):
-        if name in ds:
-            return f"final {name} (mean; rank_one_distance not recorded)"
-    return "final t"
-
-
-def _final_values(ds) -> np.ndarray:
-    """The values of the column `_final_name` names, one per point (NaN where they do not apply)."""
+def _final_column(ds) -> tuple[str, np.ndarray, bool]:
+    """The summary's last column: (heading, one value per point (NaN where it does not apply), whether
+    rows show least .. largest). The quantity that decided collapse against stable; where it was not
+    recorded, the mean final value of a recorded observable (or, with none, the final depth as a range)."""
     from .plots import deciding_values, final_values
 
     decided = deciding_values(ds)
     if decided is not None:
-        return decided[0]
+        return f"final {decided[1]}", decided[0], True
     for name in ("effective_rank", "cov_trace", "corr_mean"):
         if name in ds:
-            return final_values(ds[name]).values
-    return final_values(ds["t"]).values
+            return f"final {name} (mean; rank_one_distance not recorded)", final_values(ds[name]).values, False
+    return "final t", final_values(ds["t"]).values, True

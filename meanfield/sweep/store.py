@@ -264,10 +264,10 @@ MAX_TOKEN_FILE_BYTES = 2**34
 """An initial-token .npy larger than 16 GiB is refused from its header, before it is read."""
 
 
-def read_tokens_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """Initial tokens from a .npy file of exactly `shape` (initial.n, model.d), checked from the header
-    before any data is read: no pickled objects, a real number dtype, the right shape, finite values.
-    Raises ValueError naming the file and what is wrong."""
+def read_tokens_file(path: Path, shape: tuple[int | None, int], what: str = "(initial.n, model.d)") -> np.ndarray:
+    """Initial tokens from a .npy file of `shape` (`what` names it; None for the number of tokens: any
+    n >= 1), checked from the header before any data is read: no pickled objects, a real number dtype,
+    the right shape, finite values. Raises ValueError naming the file and what is wrong."""
     fmt = np.lib.format
     try:
         with open(path, "rb") as f:
@@ -280,8 +280,10 @@ def read_tokens_file(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"{path}: holds Python objects (a pickle), which are never loaded; save a float array")
     if dtype.kind not in "fiu":
         raise ValueError(f"{path}: dtype {dtype} is not a real number type")
-    if tuple(got) != tuple(shape):
-        raise ValueError(f"{path}: array shape {tuple(got)} != (initial.n, model.d) = {tuple(shape)}")
+    n, d = shape
+    if len(got) != 2 or got[1] != d or (got[0] != n if n is not None else got[0] < 1):
+        want = tuple(shape) if n is not None else f"(n, {d}) with n >= 1"
+        raise ValueError(f"{path}: array shape {tuple(got)} != {what} = {want}")
     nbytes = int(np.prod(got, dtype=np.int64)) * dtype.itemsize
     if nbytes > MAX_TOKEN_FILE_BYTES:
         raise ValueError(f"{path}: {nbytes:,} bytes of tokens is more than the limit {MAX_TOKEN_FILE_BYTES:,}")

@@ -121,7 +121,8 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
         raise ConfigError(f"--out {run_dir}: was trained on other bytes (corpus sha256 {str(old.get('corpus_sha256'))[:12]}..., "
                           f"now {corpus.sha256[:12]}...; another Python's stdlib or an edited file); --overwrite to start again")
     atomic_write_text(json.dumps(info, indent=1), run_dir / MARKER)
-    atomic_write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), run_dir / "config.yaml")
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    atomic_write_text(config_yaml, run_dir / "config.yaml")
 
     dtype = jnp.float64 if cfg.dtype == "float64" else jnp.float32
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
     t = cfg.telemetry
     recorder = Recorder(cfg.model.n_layers, t.lyapunov_k, {
         "name": cfg.name, "config_digest": digest, "corpus": corpus.source, "corpus_sha256": corpus.sha256,
-        "config_yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)})
+        "config_yaml": config_yaml})
 
     start = 0
     tel = run_dir / "telemetry.nc"
@@ -176,10 +177,11 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss, gnorm
 
-    val_windows = fixed_windows(corpus.val, t.val_batches * d.batch_size, d.seq_len).reshape(
-        t.val_batches, d.batch_size, d.seq_len + 1)
-    probe = fixed_windows(corpus.val, t.probe_sequences, d.seq_len)[:, :-1]
-    lyap_tokens = jnp.asarray(probe[0, : t.lyapunov_tokens])
+    # Fixed for the whole run: on the device once, not at every record.
+    val_windows = jnp.asarray(fixed_windows(corpus.val, t.val_batches * d.batch_size, d.seq_len).reshape(
+        t.val_batches, d.batch_size, d.seq_len + 1))
+    probe = jnp.asarray(fixed_windows(corpus.val, t.probe_sequences, d.seq_len)[:, :-1])
+    lyap_tokens = probe[0, : t.lyapunov_tokens]
     lr = schedule(cfg)
 
     train_seconds = recorder.rows[-1]["train_seconds"] if recorder.rows else 0.0
@@ -188,7 +190,7 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
     def record(step):
         model = build(params)
         row = recorder.measure(
-            step, model, config_json=config_json, val_windows=jnp.asarray(val_windows), probe=jnp.asarray(probe),
+            step, model, config_json=config_json, val_windows=val_windows, probe=probe,
             lyapunov_tokens=lyap_tokens, lyapunov=bool(t.lyapunov_every) and (step % t.lyapunov_every == 0 or step == cfg.steps),
             train_loss=float(np.mean(losses)) if losses else float("nan"),
             grad_norm=float(np.mean(gnorms)) if gnorms else float("nan"), learning_rate=float(lr(step)),
