@@ -113,3 +113,49 @@ def test_importing_the_library_leaves_the_cache_off(tmp_path):
     code = "import jax, meanfield; assert jax.config.jax_compilation_cache_dir is None"
     res = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def _lowered():
+    f = jax.jit(lambda v: {"y": jax.numpy.sin(v["x"]) * 2.0})
+    x = {"x": jax.numpy.arange(4.0)}
+    return f.lower(x), x
+
+
+def test_executable_store_compiles_once_then_loads(tmp_path, monkeypatch):
+    """Processes other than 0 keep their compiled programs themselves (JAX's cache is written by
+    process 0 only): the first call compiles and stores, the next loads without compiling, and a
+    damaged entry is compiled again and replaced."""
+    from meanfield.sweep import executables
+
+    lowered, x = _lowered()
+    want = lowered.compile()(x)["y"]
+    first = executables.compile_lowered(lowered, jax.local_devices(), tmp_path)
+    (entry,) = tmp_path.iterdir()
+    assert entry.suffix == ".bin" and first(x)["y"].tolist() == want.tolist()
+
+    def no_compile(self, *a, **k):
+        raise AssertionError("compiled although the store holds the program")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(lowered), "compile", no_compile)
+        loaded = executables.compile_lowered(lowered, jax.local_devices(), tmp_path)
+    assert loaded(x)["y"].tolist() == want.tolist()
+    entry.write_bytes(b"not a program")
+    again = executables.compile_lowered(lowered, jax.local_devices(), tmp_path)
+    assert again(x)["y"].tolist() == want.tolist() and entry.read_bytes() != b"not a program"
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # no temporary file left behind
+
+
+def test_executable_store_only_for_processes_other_than_0(tmp_path, monkeypatch):
+    from meanfield.sweep import executables
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        assert executables.store_dir() is None  # process 0: JAX's own cache
+        monkeypatch.setattr(executables.jax, "process_index", lambda: 1)
+        assert executables.store_dir() == tmp_path / executables.SUBDIR
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert executables.store_dir() is None  # the cache is off
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -154,6 +154,32 @@ def test_a_killed_coordinator_then_a_one_process_relaunch_completes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
+
+@pytest.mark.slow
+def test_process_1_loads_its_compiled_program_on_the_next_launch(tmp_path):
+    """JAX's persistent cache is written by process 0 only; process 1 stores its chunk program in
+    `meanfield-executables/` and the next launch loads it (the entry is not written again), with
+    the same dataset."""
+    cfg = {"name": "dist_cache", "model": {"d": 2, "beta": 1.0, "mlp": "two_layer", "activation": "tanh",
+                                           "norm": "sphere"},
+           "initial": {"kind": "sphere", "n": 8}, "simulator": {"kind": "particles", "t1": 2.0, "n_save": 5},
+           "observables": ["effective_rank"], "plots": {"curves": None},
+           "sweep": {"grid": {"model.beta": [1.0, 2.0, 3.0, 4.0]}}}
+    f = tmp_path / "dist.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(MEANFIELD_COMPILE_CACHE="1", MEANFIELD_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    runs, stored = [], []
+    for k in range(2):
+        procs = _launch(f, tmp_path / f"run{k}", 2, _free_port(), env=env)
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+        stored.append({p.name: p.stat().st_mtime_ns for p in (cache / "meanfield-executables").glob("*.bin")})
+        runs.append(mf.load_run(tmp_path / f"run{k}"))
+    assert len(stored[0]) == 1 and stored[1] == stored[0]
+    xr.testing.assert_equal(runs[0].drop_attrs(), runs[1].drop_attrs())
+
 def test_merge_command(tmp_path, capsys):
     """`meanfield merge DIR` finishes a run whose chunks are all there, and refuses one with missing points."""
     from meanfield.sweep.run import run_experiment

@@ -10,7 +10,12 @@ Balance. Under P processes a group is cut into at least P chunks, each a random 
 (a fixed permutation), so that chunks cost about the same although points do not (stiff regions
 take 10-100x the steps of others). Chunks are not cut finer: the ensemble integrator needs a queue
 to hide each point's tail, and 8 chunks of 32 points cost 1.6x one chunk of 256 (measured,
-a 1-core run of the benchmark workload). Fast processes still take more chunks when there are more.
+a 1-core run of the benchmark workload, before the tail's pool was halved step by step). Fast
+processes still take more chunks when there are more.
+
+Compiling. Each process compiles a group's chunk program once per launch, or loads it: process 0
+from JAX's persistent cache, the others from `executables.compile_lowered`'s store (JAX writes
+its cache from process 0 only).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
+from .executables import compile_lowered
 from .plan import Plan
 from .points import auto_chunk_size, make_chunk_function, make_point_function, plan_group_attention, uses_ensemble
 from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
@@ -123,10 +129,12 @@ def chunk_grid(plan: Plan, n_dev: int, n_proc: int, attention: dict) -> list[Chu
 
 class _Compiled:
     """The compiled function of each group and batch size, built on first use; compiling (ahead of
-    the first call, or loading from JAX's persistent cache) is timed apart in `seconds`."""
+    the first call, or loading from JAX's persistent cache or, in processes other than 0, from
+    `executables.compile_lowered`'s store) is timed apart in `seconds`."""
 
-    def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool):
+    def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices=None):
         self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
+        self.devices = devices or jax.local_devices()
         self.fns: dict[int, object] = {}
         self.executables: dict[tuple[int, int], object] = {}
         self.seconds = 0.0
@@ -139,7 +147,7 @@ class _Compiled:
         key = (gi, len(values[POINT_INDEX]))
         if key not in self.executables:
             t0 = time.perf_counter()
-            self.executables[key] = fn.lower(values).compile()
+            self.executables[key] = compile_lowered(fn.lower(values), self.devices)
             self.seconds += time.perf_counter() - t0
         return self.executables[key]
 
@@ -185,7 +193,7 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
     h = index.config_hash
     attention = group_attention(plan, tokens)
     grid = chunk_grid(plan, n_dev, n_proc, attention)
-    compiled = _Compiled(plan, tokens, attention, mesh, quiet)
+    compiled = _Compiled(plan, tokens, attention, mesh, quiet, devices)
     stats = WorkStats(proc, n_proc)
     pause = float(os.environ.get("MEANFIELD_CHUNK_PAUSE", "0"))
     tag = f"[{plan.config.name}{f' p{proc}' if n_proc > 1 else ''}]"
