@@ -1,7 +1,8 @@
 """Two processes on one core each against one process on one core (issue #15).
 
 Workload: the quickstart's model (tokens on S^2, n = 32, d = 3, softmax + GELU MLP, t1 = 20) over
-1,024 points (16 spectral ratios, log in [0.05, 20], x 4 beta x 16 seeds), through `meanfield run`:
+4,096 points (16 spectral ratios, log in [0.05, 20], x 4 beta x 64 seeds; `--seeds 16` gives the
+1,024 points of earlier measurements), through `meanfield run`:
 
 - one process pinned to core 0 (`taskset -c 0`);
 - two processes under `--distributed` (gloo on 127.0.0.1) pinned to cores 0 and 1.
@@ -12,9 +13,10 @@ start to exit). The target: speed-up >= 1.8x. Also printed: the computation's sp
 slowest process's work-loop wall time against the single process's), without the fixed cost of
 starting a process (importing JAX, planning, loading the compiled programs, the merge and figures),
 and the idle fraction of the slowest process from run.json (`load_balance`: 1 - its busy time / its
-wall time in the work loop).
+wall time in the work loop). The fixed cost (the slowest process's wall time minus its work loop:
+starting Python and JAX, planning, the merge and figures) is printed for each configuration.
 
-    python benchmarks/bench_distributed.py [--quick] [--json PATH]
+    python benchmarks/bench_distributed.py [--quick] [--seeds N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -76,13 +78,14 @@ def run(cfg_file: Path, out: Path, n_proc: int, env: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="64 points, n = 16, t1 = 10 (a smoke test; no target)")
+    ap.add_argument("--seeds", type=int, default=64, help="seeds per (ratio, beta): points = 64 x seeds")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
         sys.exit("needs taskset and at least 2 cores")
     tmp = Path(tempfile.mkdtemp(prefix="bench_distributed-"))
-    cfg = config(4 if args.quick else 16, args.quick)
-    n_points = 4 * 4 * 4 if args.quick else 16 * 4 * 16
+    cfg = config(4 if args.quick else 16, args.quick, args.seeds)
+    n_points = 4 * 4 * 4 if args.quick else 16 * 4 * args.seeds
     f = tmp / "bench.yaml"
     f.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, MEANFIELD_CACHE_DIR=str(tmp / "cache"), JAX_PLATFORMS="cpu")
@@ -114,6 +117,12 @@ def main() -> None:
               f"(of which compiling {p['compile_seconds']:.1f} s) of {p['wall_seconds']:.1f} s "
               f"(idle {100 * p['idle_fraction']:.1f}%)")
     print(f"  idle fraction of the slowest process: {100 * lb.get('idle_fraction_of_slowest', float('nan')):.1f}%")
+    for n in (1, 2):  # what no parallelism can shorten: outside the work loop
+        r = res[f"{n}_process"]
+        fixed = r["warm_s"] - max(p["wall_seconds"] for p in r["processes"])
+        r["fixed_s"] = round(fixed, 2)
+        print(f"  {n} process(es): {fixed:.1f} s of {r['warm_s']:.1f} s outside the work loop "
+              "(start-up, planning, merge, figures)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     shutil.rmtree(tmp, ignore_errors=True)
