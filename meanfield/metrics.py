@@ -45,6 +45,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from ._symeig import eigvalsh
 from ._types import Cov, Mean, Tokens
 
 
@@ -99,7 +100,7 @@ def _squared_spectrum(X: Tokens) -> jax.Array:
     finite (callers zero non-finite entries and mask the result).
     """
     G = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
-    s2 = jnp.clip(jnp.linalg.eigvalsh(G), 0.0, None)
+    s2 = jnp.clip(eigvalsh(G), 0.0, None)
     return s2 / jnp.maximum(jnp.sum(s2), jnp.finfo(X.dtype).tiny)
 
 
@@ -228,7 +229,7 @@ def cov_trace(S: Cov) -> jax.Array:
 
 
 def _sym_eigvals(S: Cov) -> jax.Array:
-    return jnp.linalg.eigvalsh(0.5 * (S + S.T))
+    return eigvalsh(0.5 * (S + S.T))
 
 
 def _cov(S) -> tuple[jax.Array, jax.Array]:

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from .._symeig import eigvalsh
 from ..simulate.checks import check_covariance, check_number
 from .finite_width import Kernel, clipped_cholesky, residual_weights
 
@@ -346,5 +347,5 @@ def _solve_paths(keys, V0, params, *, T, n_steps, save_idx, brownian):
     exploded = ~jax.vmap(_alive, in_axes=(0, None))(Vs[:, -1], threshold)
     ok = jnp.all(jnp.isfinite(Vs), axis=(-2, -1))
     finite = jnp.where(ok[..., None, None], Vs, 0.0)
-    min_eig = jnp.where(ok, jnp.linalg.eigvalsh(finite)[..., 0], jnp.nan)
+    min_eig = jnp.where(ok, eigvalsh(finite)[..., 0], jnp.nan)
     return ts, Vs, exploded, min_eig

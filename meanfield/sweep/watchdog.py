@@ -13,10 +13,11 @@ STALL_SECONDS = float(os.environ.get("MEANFIELD_STALL_SECONDS", "300"))
 class StallWatch:
     """Warn (once per chunk) when a chunk's computation uses no CPU for `STALL_SECONDS`.
 
-    XLA's CPU runtime can wedge its Eigen thread pool on large vmapped graphs (all threads parked, 0%
-    CPU; seen once here in a 1200-point Lyapunov sweep, and reported upstream, e.g. PyAutoFit #1530).
-    Finished chunks are on disk, so the remedy is to stop and rerun (the run resumes); setting
-    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false avoids the wedge at some cost in speed.
+    XLA's CPU thread pool can deadlock (all threads parked, 0% CPU) when batched LAPACK calls wait on
+    it from inside it: jaxlib's `eigvalsh` splits its batch over the pool and blocks a pool thread
+    until the pieces are done (`gdb` on a hung Gaussian sweep; eigenvalues up to 4 x 4 now avoid
+    LAPACK, `meanfield._symeig`). Seen too in a 1200-point Lyapunov sweep (batched QR). Finished
+    chunks are on disk, so the remedy is to stop and rerun (the run resumes).
     """
 
     def __init__(self, label: str):
