@@ -58,6 +58,7 @@ def _rotate(M, p: int, q: int):
     return M
 
 
+@jax.jit  # called eagerly (a notebook's metrics), the unrolled rotations would be ~1,000 dispatches
 def eigvalsh(A) -> jax.Array:
     """Ascending eigenvalues of the symmetric matrices A (..., n, n), as `jnp.linalg.eigvalsh`
     (which also symmetrises its input); Jacobi rotations for n <= JACOBI_MAX_N, LAPACK above.
