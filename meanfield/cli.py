@@ -306,8 +306,9 @@ def _avoid_eigen_pool_wedge() -> None:
     risk without removing it; the sweep's stall watch names the remedy (stop and rerun: finished
     chunks are kept). The hang's cause was found later (`meanfield._symeig`: jaxlib's batched LAPACK
     eigensolver waits on the intra-op pool from inside it), which this flag does not touch; it is
-    kept until runs without it are measured again. Measured cost on the ensemble integrator: about 20% on 256 small particle
-    systems, none on moment sweeps. Must run before JAX creates its CPU client.
+    kept until runs without it are measured again. Measured cost on the ensemble integrator: about
+    20% on 256 small particle systems, none on moment sweeps. Must run before JAX creates its CPU
+    client.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_multi_thread_eigen" not in flags:

@@ -228,10 +228,6 @@ def cov_trace(S: Cov) -> jax.Array:
     return jnp.where(_finite(S) | infinite_variance, tr, jnp.asarray(jnp.nan, tr.dtype))
 
 
-def _sym_eigvals(S: Cov) -> jax.Array:
-    return eigvalsh(0.5 * (S + S.T))
-
-
 def _cov(S) -> tuple[jax.Array, jax.Array]:
     """(S with non-finite entries zeroed, all-finite flag)."""
     S = jnp.asarray(S)
@@ -241,14 +237,14 @@ def _cov(S) -> tuple[jax.Array, jax.Array]:
 def cov_logdet(S: Cov) -> jax.Array:
     r"""$\log\det S$ (-inf when S is singular to rounding; NaN when S holds NaN or inf)."""
     S, ok = _cov(S)
-    lam = _sym_eigvals(S)
+    lam = eigvalsh(S)
     return _nan_unless(ok, jnp.where(jnp.all(lam > 0), jnp.sum(jnp.log(jnp.where(lam > 0, lam, 1.0))), -jnp.inf))
 
 
 def cov_condition(S: Cov) -> jax.Array:
     r"""$\lambda_\max/\lambda_\min$ of S (inf when singular; NaN when S holds NaN or inf)."""
     S, ok = _cov(S)
-    lam = _sym_eigvals(S)
+    lam = eigvalsh(S)
     return _nan_unless(ok, jnp.where(lam[0] > 0, lam[-1] / jnp.where(lam[0] > 0, lam[0], 1.0), jnp.inf))
 
 
@@ -257,7 +253,7 @@ def numerical_rank(S: Cov, rtol: float | None = None) -> jax.Array:
     dtype (NaN when S holds NaN or inf)."""
     S, ok = _cov(S)
     d = S.shape[-1]
-    lam = _sym_eigvals(S)
+    lam = eigvalsh(S)
     rtol = 100 * d * jnp.finfo(S.dtype).eps if rtol is None else rtol
     count = jnp.sum(lam > rtol * jnp.max(jnp.abs(lam))).astype(jnp.promote_types(S.dtype, jnp.float32))
     return _nan_unless(ok, count)
@@ -273,7 +269,7 @@ def _second_moment_spectrum(m: Mean, S: Cov) -> tuple[jax.Array, jax.Array]:
     big = jnp.maximum(jnp.max(jnp.abs(m)), jnp.sqrt(jnp.max(jnp.abs(S))))
     k = _pow2_exponent(big, S.dtype)
     m, S = jnp.ldexp(m, -k), jnp.ldexp(S, -2 * k)
-    lam = jnp.clip(_sym_eigvals(S + jnp.outer(m, m)), 0.0, None)
+    lam = jnp.clip(eigvalsh(S + jnp.outer(m, m)), 0.0, None)
     return lam / jnp.maximum(jnp.sum(lam), jnp.finfo(S.dtype).tiny), ok
 
 

@@ -154,7 +154,6 @@ def test_a_killed_coordinator_then_a_one_process_relaunch_completes(tmp_path):
                                rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.slow
 def test_process_1_loads_its_compiled_program_on_the_next_launch(tmp_path):
     """JAX's persistent cache is written by process 0 only; process 1 stores its chunk program in
@@ -179,6 +178,7 @@ def test_process_1_loads_its_compiled_program_on_the_next_launch(tmp_path):
         runs.append(mf.load_run(tmp_path / f"run{k}"))
     assert len(stored[0]) == 1 and stored[1] == stored[0]
     xr.testing.assert_equal(runs[0].drop_attrs(), runs[1].drop_attrs())
+
 
 def test_merge_command(tmp_path, capsys):
     """`meanfield merge DIR` finishes a run whose chunks are all there, and refuses one with missing points."""

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import jax
 
+from .store import atomic_write_bytes
+
 SUBDIR = "meanfield-executables"
 
 
@@ -66,12 +68,10 @@ def compile_lowered(lowered, devices, directory: Path | None = None):
         except Exception:  # noqa: BLE001 -- damaged or foreign entry: compile and replace it
             pass
     compiled = lowered.compile()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         blob = pickle.dumps(serialize(compiled))
         directory.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        atomic_write_bytes(blob, path)  # removes its temporary file if the write fails
     except Exception:  # noqa: BLE001 -- a program that cannot be serialised, or a full disk: run without storing
-        tmp.unlink(missing_ok=True)
+        pass
     return compiled

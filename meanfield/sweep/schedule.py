@@ -132,9 +132,9 @@ class _Compiled:
     the first call, or loading from JAX's persistent cache or, in processes other than 0, from
     `executables.compile_lowered`'s store) is timed apart in `seconds`."""
 
-    def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices=None):
+    def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices):
         self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
-        self.devices = devices or jax.local_devices()
+        self.devices = devices
         self.fns: dict[int, object] = {}
         self.executables: dict[tuple[int, int], object] = {}
         self.seconds = 0.0

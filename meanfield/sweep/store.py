@@ -70,11 +70,15 @@ def _atomic(write, path: Path) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """`data` into `path` atomically (`_atomic`)."""
+    _atomic(lambda tmp: tmp.write_bytes(data), path)
+
+
 def atomic_write_dataset(ds: xr.Dataset, path: Path) -> None:
     """The NetCDF bytes are made in memory, then written by plain file I/O: a full disk is then a clean
     OSError (HDF5 writing to a full disk left a file object whose later close crashed the interpreter)."""
-    data = ds.to_netcdf(engine=ENGINE)
-    _atomic(lambda tmp: tmp.write_bytes(data), path)
+    atomic_write_bytes(ds.to_netcdf(engine=ENGINE), path)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
