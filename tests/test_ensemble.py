@@ -82,6 +82,60 @@ def test_max_steps_lanes_fail_alone(x64, key):
     assert 0 < failed < len(As)
 
 
+def test_a_step_below_the_time_resolution_stops_every_path_alike():
+    """dx/dt = -1e5 x from t0 = 1024 in float32: stability needs steps under 3.5e-5, and one ulp of t
+    is 1.2e-4. Without the stall guard the solve spins (zero-length steps, accepted with zero error,
+    then a grown step rejected) until max_steps; with it the solve stops within a few attempts with
+    `dt_min_reached`, and each lane of a batch stops where its single solve does while the easy
+    lanes finish."""
+    import diffrax
+
+    rates = [1e5, 1.0, 1e5, 2.0]
+    X0 = jnp.ones((4, 3, 2), jnp.float32)
+    kw = dict(t0=1024.0, n_save=3, blowup_growth=None, max_steps=100_000)
+    batch = mf.simulate_particles(_stack([_linear(-r * jnp.eye(2), "float32") for r in rates]), X0, 1025.0,
+                                  lanes=2, **kw)
+    for i, r in enumerate(rates):
+        single = mf.simulate_particles(_linear(-r * jnp.eye(2), "float32"), X0[i], 1025.0, **kw)
+        stiff = r > 10
+        assert bool(single.success) == bool(batch.success[i]) == (not stiff)
+        assert float(batch.t_end[i]) == float(single.t_end) == (1024.0 if stiff else 1025.0)
+        assert int(batch.num_steps[i]) == int(single.num_steps)
+        if stiff:
+            assert single.solution.result == diffrax.RESULTS.dt_min_reached
+            assert int(single.solution.stats["num_steps"]) < 20  # attempts, against 100,000 without the guard
+            assert not np.any(np.isfinite(np.asarray(batch.xs[i, 1:])))
+        else:
+            np.testing.assert_allclose(batch.xs[i, -1], np.exp(-r) * np.ones((3, 2)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("scaled_error, repeats", [(1.37, True), (3.0, False)])
+def test_stall_guard_stops_exactly_when_the_retry_repeats_the_rejected_step(scaled_error, repeats):
+    """A rejected 3-ulp step at t = 1024 (float32). At scaled error 1.37 the PID controller's smaller
+    step (x 0.85) rounds back to the same end point, so the retry would be the same step from the same
+    state forever: the guard stops there. At 3.0 (x 0.72) the step shrinks to 2 ulp and the guard
+    stays silent."""
+    import diffrax
+
+    from meanfield.simulate.solvers import StallGuard
+
+    pid = diffrax.PIDController(rtol=3e-6, atol=3e-8)
+    guard = StallGuard(pid).wrap(1)
+    term = diffrax.ODETerm(lambda t, y, a: -y)
+    t0 = jnp.float32(1024.0)
+    t1 = t0 + 3 * jnp.float32(2.0 ** -13)  # 3 ulp
+    y = jnp.zeros(1, jnp.float32)
+    _, state = guard.init(term, t0, t1, y, t1 - t0, None, None, 5)
+    y_err = jnp.full(1, scaled_error * 3e-8, jnp.float32)  # |y| = 0: the scale is atol
+    inner = pid.wrap(1).adapt_step_size(t0, t1, y, y, None, y_err, 5, state)
+    keep, n0, n1, _, _, result = guard.adapt_step_size(t0, t1, y, y, None, y_err, 5, state)
+    assert not bool(inner[0]) and not bool(keep)
+    assert (float(inner[1]), float(inner[2]) == float(t1)) == (float(t0), repeats)  # the premise
+    assert inner[5] == diffrax.RESULTS.successful
+    assert (result == diffrax.RESULTS.dt_min_reached) == repeats
+    assert (float(n0), float(n1)) == (float(inner[1]), float(inner[2]))
+
+
 def _riccati(v, a, w, s0):
     """Blow-up time of ds/dt = 2 v a s^2 + 2 w s from s0 > 0 (inf when s stays bounded)."""
     if v * a <= 0 or 1 + w / (v * a * s0) <= 0:

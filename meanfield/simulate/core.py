@@ -160,7 +160,7 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
     controller = controller.wrap(1)
     terms = _wrapped(field)
     fsal = _is_fsal(solver)
-    jumps = isinstance(controller, diffrax.ClipStepSizeController) and controller.jump_ts is not None
+    jumps = getattr(controller, "jump_ts", None) is not None  # a ClipStepSizeController (maybe in a StallGuard)
     error_order = solver.error_order(terms)
     arg_axis = 0 if args_batched else None
     take = (lambda tree, idx: jax.tree.map(lambda a: a[idx], tree))

@@ -86,19 +86,75 @@ def default_tolerances(dtype, problem: str = "ode") -> tuple[float, float]:
     return _TOLERANCES[problem]["float64" if jnp.dtype(dtype) == jnp.float64 else "float32"]
 
 
+class StallGuard(diffrax.AbstractAdaptiveStepSizeController):
+    r"""`controller`, with one more way to stop: when the step size has fallen below what t can resolve.
+
+    Two loops that never end, both seen in float32 (float64 has the same floor, further down):
+
+    - **A rejected step whose retry is the very same step.** After a rejection the controller proposes
+      a step of at most `safety` times the rejected one, from the same state. Once the step is a few
+      ulp of t long (at most 5: rounding $t_0 + h$ moves it by half an ulp), $t_0 + h$ can round back
+      to the rejected end point. The retry then has the rejected step's $t_0$, $t_1$, state, solver
+      state and controller state, so it is rejected again, and so is every retry after it. (Particle
+      sweeps at spectral ratio 20: t ~ 0.64, the step stuck at 3 ulp = 1.8e-7 with the scaled error at
+      1.37, for 16,000 attempts.)
+    - **A step of length zero** ($t_0 + h$ rounds to $t_0$): it changes nothing and is accepted with
+      zero error, the controller grows the step, the grown step is rejected, and so on. (A stiff
+      $\dot y = -10^5 y$ at t ~ 1024, where one ulp is 1.2e-4.)
+
+    The guard reports `RESULTS.dt_min_reached` (the step cannot shrink further in this precision) as
+    soon as either happens, for `diffeqsolve` and the ensemble alike, so both stop on the same step
+    where the solve would otherwise spin until `max_steps`. Every step either path takes is still
+    the wrapped controller's."""
+
+    controller: diffrax.AbstractAdaptiveStepSizeController
+
+    @property
+    def rtol(self):
+        return self.controller.rtol
+
+    @property
+    def atol(self):
+        return self.controller.atol
+
+    @property
+    def norm(self):  # noqa: D102
+        return self.controller.norm
+
+    @property
+    def jump_ts(self):
+        """The wrapped controller's `jump_ts` (None without a depth schedule)."""
+        return getattr(self.controller, "jump_ts", None)
+
+    def wrap(self, direction):
+        return StallGuard(self.controller.wrap(direction))
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+
+    def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+        keep, next_t0, next_t1, made_jump, state, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state)
+        same = [jnp.all(a == b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(controller_state))]
+        repeat = ~keep & (next_t0 == t0) & (next_t1 == t1) & jnp.all(jnp.array(same + [True]))
+        stuck = repeat | (t1 <= t0)
+        return keep & ~stuck, next_t0, next_t1, made_jump, state, diffrax.RESULTS.where(
+            stuck, diffrax.RESULTS.dt_min_reached, result)
+
+
 def make_controller(adaptive: bool, *, dt0, rtol, atol, dtype, jump_ts=None, problem: str = "ode"):
-    """A PID controller (adaptive; rtol / atol None: `default_tolerances(dtype, problem)`) or a
-    constant step (fixed, `dt0` required)."""
+    """A PID controller (adaptive; rtol / atol None: `default_tolerances(dtype, problem)`), inside a
+    `StallGuard`, or a constant step (fixed, `dt0` required)."""
     if not adaptive:
         if dt0 is None:
             raise ValueError("a fixed-step solver needs `dt0` (the step size); got None.")
         return diffrax.ConstantStepSize()
     d_rtol, d_atol = default_tolerances(dtype, problem)
-    return diffrax.PIDController(
+    return StallGuard(diffrax.PIDController(
         rtol=d_rtol if rtol is None else rtol,
         atol=d_atol if atol is None else atol,
         jump_ts=jump_ts,
-    )
+    ))
 
 
 class AutoTqdmProgressMeter(diffrax.TqdmProgressMeter):
