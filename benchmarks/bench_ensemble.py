@@ -25,6 +25,7 @@ median). Workloads (issue #14):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -131,20 +132,22 @@ def consensus(B: int, rounds: int) -> dict:
     return out
 
 
-PARTICLE_MAX_STEPS = 5000
-"""Attempted steps per particle point in workload 3 (loop, old engine and ensemble alike). Some points
-of that sweep (large spectral ratio) never finish: the tokens grow until the softmax saturates and the
-controller rejects step after step; with the sweep default of 16,384 they alone take minutes."""
+PARTICLE_MAX_STEPS = {"quick": 5000, "full": 16_384}
+"""Attempted steps per particle point in workload 3 (loop, old engine and ensemble alike): the sweep
+default (16,384) in the full run, 5,000 in `--quick`. Some points of that sweep (large spectral ratio)
+never finish: the tokens grow by orders of magnitude, and the controller takes steps of ~1e-5 (stiff,
+accepted) until the budget is spent. (A second kind, a step stuck at a few ulp of t and rejected again
+and again, now stops at once: `StallGuard`.) `--particle-max-steps` changes it."""
 
 
-def loop_particles(points) -> None:
+def loop_particles(points, max_steps: int) -> None:
     """bench_sweep's particle loop with workload 3's step budget."""
     d, n = 8, 64
     for rho, seed in points:
         key = jax.random.key(seed)
         model = mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho)
         X0 = mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d))
-        sol = mf.simulate_particles(model, X0, 5.0, n_save=11, max_steps=PARTICLE_MAX_STEPS)
+        sol = mf.simulate_particles(model, X0, 5.0, n_save=11, max_steps=max_steps)
         float(mf.metrics.effective_rank(sol.xs[-1]))
         int(mf.classify(sol))
 
@@ -228,6 +231,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--skip", default="", help="comma-separated workload numbers to skip")
     ap.add_argument("--eigen-threads", action="store_true", help="keep XLA's multi-threaded Eigen pool (may hang)")
+    ap.add_argument("--particle-max-steps", type=int, default=None,
+                    help="workload 3's step budget per point (default 16,384, the sweep default; 5,000 with --quick)")
     args = ap.parse_args()
     skip = {int(s) for s in args.skip.split(",") if s}
     rng = np.random.default_rng(0)
@@ -246,9 +251,10 @@ def main() -> None:
         pts = [(float(r), int(s)) for r, s in zip(np.exp(rng.uniform(np.log(0.05), np.log(20), p_loop)),
                                                    rng.integers(0, n_seed, p_loop))]
         raw = particle_config(n_rho, n_seed)
-        raw["simulator"]["max_steps"] = PARTICLE_MAX_STEPS
-        rows.append(sweep(f"3. particles n=64 d=8 (max_steps {PARTICLE_MAX_STEPS})", raw, n_rho * n_seed,
-                          loop_particles, pts, p_old, 2.0))
+        budget = args.particle_max_steps or PARTICLE_MAX_STEPS["quick" if args.quick else "full"]
+        raw["simulator"]["max_steps"] = budget
+        rows.append(sweep(f"3. particles n=64 d=8 (max_steps {budget})", raw, n_rho * n_seed,
+                          functools.partial(loop_particles, max_steps=budget), pts, p_old, 2.0))
     if 4 not in skip:
         rows.append(quickstart_twice())
     print(f"\nload average at the end {os.getloadavg()}")
