@@ -70,14 +70,16 @@ __all__ += ["rule", "load_checkpoint", "LyapunovResult", "lyapunov_spectrum", "p
             "layer_lyapunov", "decoder_lyapunov"]
 
 from . import checkpoints as checkpoints  # noqa: E402
-from . import control as control  # noqa: E402
 from . import density as density  # noqa: E402
-from . import nets as nets  # noqa: E402
 from .checkpoints import layer_matrices as layer_matrices  # noqa: E402
-from .control import SteerResult as SteerResult  # noqa: E402
-from .control import bures_wasserstein as bures_wasserstein  # noqa: E402
-from .control import steer as steer  # noqa: E402
-from .regimes import predict_regime as predict_regime  # noqa: E402
+from ._lazy import lazy_attributes  # noqa: E402
+
+# Imported on first use: Flax (nets), optax (control), SciPy's optimisers (regimes.predicted) cost
+# ~1 s together, which every `meanfield` command would otherwise pay.
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "nets": ".", "control": ".", "train": ".", "SteerResult": ".control", "bures_wasserstein": ".control",
+    "steer": ".control", "predict_regime": ".regimes",
+}, globals())
 from .density import DensitySolution as DensitySolution  # noqa: E402
 from .density import simulate_density as simulate_density  # noqa: E402
 

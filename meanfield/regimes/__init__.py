@@ -8,7 +8,6 @@
 """
 
 from . import observed as observed
-from . import predicted as predicted
 from .observed import BLOWUP as BLOWUP
 from .observed import COLLAPSE as COLLAPSE
 from .observed import FAILED as FAILED
@@ -18,13 +17,14 @@ from .observed import classify as classify
 from .observed import judged_save as judged_save
 from .observed import particle_regime as particle_regime
 from .observed import regime_code as regime_code
-from .predicted import CLASSES as CLASSES
-from .predicted import LABELS as LABELS
-from .predicted import precision_flow as precision_flow
-from .predicted import predict_regime as predict_regime
-from .predicted import scalar_regime as scalar_regime
-from .predicted import simulated_regime as simulated_regime
-from .predicted import validation_grid as validation_grid
+from .._lazy import lazy_attributes
+
+# `predicted` (SciPy's optimisers, ~0.4 s) is imported on first use.
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "predicted": ".", **{name: ".predicted" for name in (
+        "CLASSES", "LABELS", "precision_flow", "predict_regime", "scalar_regime", "simulated_regime",
+        "validation_grid")},
+}, globals())
 
 __all__ = [
     "observed", "predicted", "REGIMES", "COLLAPSE", "STABLE", "BLOWUP", "FAILED", "regime_code", "classify",

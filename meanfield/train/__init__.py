@@ -9,13 +9,14 @@ linear-propagation erank with `meanfield weights`'s code, the hidden states' eff
 finite-time Lyapunov exponents of the block map; `spectral_guard` keeps rho inside a band.
 """
 
-from .config import TrainConfig as TrainConfig
-from .config import load_train_config as load_train_config
-from .guard import spectral_guard as spectral_guard
-from .lm import LanguageModel as LanguageModel
-from .loop import TrainingInterrupted as TrainingInterrupted
-from .loop import train as train
-from .loop import train_grid as train_grid
+from .._lazy import lazy_attributes
+
+# Imported on first use (Flax, optax, xarray): `meanfield train --help` and the other commands'
+# parsers (which import `train.cli`) do not pay for them.
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "TrainConfig": ".config", "load_train_config": ".config", "spectral_guard": ".guard", "LanguageModel": ".lm",
+    "TrainingInterrupted": ".loop", "train": ".loop", "train_grid": ".loop",
+}, globals())
 
 __all__ = ["TrainConfig", "load_train_config", "spectral_guard", "LanguageModel", "TrainingInterrupted", "train",
            "train_grid"]
