@@ -21,9 +21,11 @@ TINY = textwrap.dedent("""
     initial: {kind: sphere, n: 4}
     simulator: {kind: particles, t1: 1.0, n_save: 3}
     observables: [effective_rank]
-    sweep: {grid: {model.beta: [1.0, 3.0]}}
+    sweep: {grid: {model.spectral_ratio: [0.5, 2.0]}}
     plots: {curves: null}
 """)
+# The spectral ratio puts an SVD (a LAPACK call) into the chunk program: a program loaded untraced
+# in a fresh process must find jaxlib's LAPACK table filled in (`executables._initialize_custom_calls`).
 
 
 def _env(tmp_path, **extra):
@@ -44,7 +46,10 @@ def _run(tmp_path, *args, **env):
 
 
 def _entries(path):
-    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+    """JAX's cache entries and meanfield's stored programs (`executables.SUBDIR/<name>`)."""
+    if not path.exists():
+        return []
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,11 @@ def two_runs(tmp_path_factory):
 
 def test_run_writes_the_cache_and_reuses_it(two_runs):
     cache, first, second = two_runs
-    assert first and all(name.endswith(("-cache", "-atime")) for name in first), first
+    jax_entries = [name for name in first if "/" not in name]
+    ours = [name for name in first if "/" in name]
+    assert jax_entries and all(name.endswith(("-cache", "-atime")) for name in jax_entries), first
+    # The chunk program, stored by what it is traced from (the next launch loads it untraced).
+    assert len(ours) == 1 and ours[0].startswith("meanfield-executables/traced-"), first
     # The second run found every program it compiles in the cache: it wrote nothing new.
     assert second == first
 
@@ -159,3 +168,77 @@ def test_executable_store_only_for_processes_other_than_0(tmp_path, monkeypatch)
         assert executables.store_dir() is None  # the cache is off
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_traced_store_loads_without_tracing(tmp_path):
+    """`compile_traced` keys programs by what they are traced from: a second call with the same parts
+    loads the program without calling `lower` (nothing is traced), other parts miss, and a damaged
+    entry is traced and compiled again."""
+    from meanfield.sweep import executables
+
+    lowered, x = _lowered()
+    want = lowered.compile()(x)["y"].tolist()
+    devices = jax.local_devices()
+    first = executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)
+    (entry,) = tmp_path.glob("traced-*.bin")
+    assert first(x)["y"].tolist() == want
+
+    def no_trace():
+        raise AssertionError("traced although the store holds the program")
+
+    assert executables.compile_traced(no_trace, ["group A"], devices, tmp_path)(x)["y"].tolist() == want
+    with pytest.raises(AssertionError, match="traced although"):
+        executables.compile_traced(no_trace, ["group B"], devices, tmp_path)
+    entry.write_bytes(b"not a program")
+    assert executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)(x)["y"].tolist() == want
+    assert entry.read_bytes() != b"not a program"
+
+
+def test_traced_key_follows_everything_a_program_is_traced_from(monkeypatch):
+    from meanfield.sweep import executables
+
+    devices = jax.local_devices()
+    key = executables.traced_key(["cfg", b"tokens"], devices)
+    assert key == executables.traced_key(["cfg", b"tokens"], devices)
+    assert key != executables.traced_key(["cfg", b"tokens2"], devices)
+    assert key != executables.traced_key(["cfg2", b"tokens"], devices)
+    with jax.enable_x64(True):
+        assert key != executables.traced_key(["cfg", b"tokens"], devices)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_math=false")
+    assert key != executables.traced_key(["cfg", b"tokens"], devices)
+    monkeypatch.undo()
+    monkeypatch.setattr(executables, "_PACKAGE_DIGEST", ["another version of meanfield"])
+    assert key != executables.traced_key(["cfg", b"tokens"], devices)
+    monkeypatch.setattr(executables, "_versions", lambda: "diffrax==0.0.1")
+    monkeypatch.setattr(executables, "_PACKAGE_DIGEST", [])
+    assert key != executables.traced_key(["cfg", b"tokens"], devices)
+
+
+def test_second_run_traces_nothing(tmp_path, monkeypatch):
+    """Two runs of one sweep against one cache directory: the second builds its chunk program from
+    the store without tracing it (the chunk function would raise if traced) and stores the same numbers."""
+    import numpy as np
+    import yaml
+
+    from meanfield.sweep import schedule
+    from meanfield.sweep.plan import config_from_dict
+    from meanfield.sweep.run import run_experiment
+
+    cfg = config_from_dict(yaml.safe_load(TINY))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+        first = run_experiment(cfg, out=tmp_path / "a", quiet=True, plots=False)
+        assert list((tmp_path / "cache" / "meanfield-executables").glob("traced-*.bin"))
+
+        def untraceable(*args, **kwargs):
+            def chunk(values):
+                raise AssertionError("the chunk program was traced again")
+            return chunk
+
+        monkeypatch.setattr(schedule, "make_chunk_function", untraceable)
+        second = run_experiment(cfg, out=tmp_path / "b", quiet=True, plots=False)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    for name in first.dataset.data_vars:
+        np.testing.assert_array_equal(first.dataset[name].values, second.dataset[name].values)

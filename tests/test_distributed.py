@@ -156,9 +156,9 @@ def test_a_killed_coordinator_then_a_one_process_relaunch_completes(tmp_path):
 
 @pytest.mark.slow
 def test_process_1_loads_its_compiled_program_on_the_next_launch(tmp_path):
-    """JAX's persistent cache is written by process 0 only; process 1 stores its chunk program in
-    `meanfield-executables/` and the next launch loads it (the entry is not written again), with
-    the same dataset."""
+    """JAX's persistent cache is written by process 0 only; process 1 stores its compiled chunk program
+    in `meanfield-executables/`, and each process stores it by what it is traced from; the next launch
+    loads them (no entry is written again), with the same dataset."""
     cfg = {"name": "dist_cache", "model": {"d": 2, "beta": 1.0, "mlp": "two_layer", "activation": "tanh",
                                            "norm": "sphere"},
            "initial": {"kind": "sphere", "n": 8}, "simulator": {"kind": "particles", "t1": 2.0, "n_save": 5},
@@ -176,7 +176,9 @@ def test_process_1_loads_its_compiled_program_on_the_next_launch(tmp_path):
         assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
         stored.append({p.name: p.stat().st_mtime_ns for p in (cache / "meanfield-executables").glob("*.bin")})
         runs.append(mf.load_run(tmp_path / f"run{k}"))
-    assert len(stored[0]) == 1 and stored[1] == stored[0]
+    traced = [name for name in stored[0] if name.startswith("traced-")]
+    assert len(traced) == 2 and len(stored[0]) == 3, stored[0]  # one per process, + process 1's compiled program
+    assert stored[1] == stored[0]
     xr.testing.assert_equal(runs[0].drop_attrs(), runs[1].drop_attrs())
 
 

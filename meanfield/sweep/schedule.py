@@ -13,9 +13,10 @@ to hide each point's tail, and 8 chunks of 32 points cost 1.6x one chunk of 256 
 a 1-core run of the benchmark workload, before the tail's pool was halved step by step). Fast
 processes still take more chunks when there are more.
 
-Compiling. Each process compiles a group's chunk program once per launch, or loads it: process 0
-from JAX's persistent cache, the others from `executables.compile_lowered`'s store (JAX writes
-its cache from process 0 only).
+Compiling. Each process compiles a group's chunk program once per machine: a later launch loads it,
+without tracing, from `executables.compile_traced`'s store (keyed by what the program is traced
+from); on a miss it is traced and compiled, process 0 through JAX's persistent cache, the others
+through `executables.compile_lowered`'s store (JAX writes its cache from process 0 only).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
-from .executables import compile_lowered
+from .executables import compile_traced
 from .plan import Plan
 from .points import auto_chunk_size, make_chunk_function, make_point_function, plan_group_attention, uses_ensemble
 from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
@@ -129,8 +130,8 @@ def chunk_grid(plan: Plan, n_dev: int, n_proc: int, attention: dict) -> list[Chu
 
 class _Compiled:
     """The compiled function of each group and batch size, built on first use; compiling (ahead of
-    the first call, or loading from JAX's persistent cache or, in processes other than 0, from
-    `executables.compile_lowered`'s store) is timed apart in `seconds`."""
+    the first call, or loading it untraced from `executables.compile_traced`'s store, or from JAX's
+    persistent cache) is timed apart in `seconds`."""
 
     def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices):
         self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
@@ -147,9 +148,26 @@ class _Compiled:
         key = (gi, len(values[POINT_INDEX]))
         if key not in self.executables:
             t0 = time.perf_counter()
-            self.executables[key] = compile_lowered(fn.lower(values), self.devices)
+            self.executables[key] = compile_traced(lambda: fn.lower(values), self._traced_from(gi, values),
+                                                   self.devices)
             self.seconds += time.perf_counter() - t0
         return self.executables[key]
+
+    def _traced_from(self, gi: int, values: dict) -> list:
+        """What group `gi`'s program is traced from (`executables.traced_key`'s parts): `_build`'s
+        inputs (the group's configuration and numbered paths, its initial tokens, its attention plan,
+        the mesh) and the chunk's shapes, dtypes and shardings."""
+        group = self.plan.groups[gi]
+        tokens = self.tokens.get(gi)
+        parts = [group.config.model_dump_json(), repr(sorted(group.traced_paths)), repr(self.attention[gi]),
+                 repr(self.mesh)]
+        if tokens is not None:
+            tokens = np.asarray(tokens)
+            parts += [f"{tokens.shape} {tokens.dtype}", np.ascontiguousarray(tokens).tobytes()]
+        for p in sorted(values):
+            v = values[p]
+            parts.append(f"{p}: {np.shape(v)} {v.dtype} {getattr(v, 'sharding', None)!r}")
+        return parts
 
     def _build(self, gi: int):
         group = self.plan.groups[gi]
