@@ -84,6 +84,25 @@ def test_the_sweep_program_itself_is_cached(two_runs):
     assert any(name.startswith("jit_chunk") for name in first), first
 
 
+def test_a_program_from_jax_cache_is_not_stored_again(two_runs, tmp_path):
+    """When JAX's cache holds the chunk program and meanfield's store does not (an older meanfield
+    filled it), the run loads it from JAX's cache and stores nothing: serialising a program that was
+    itself deserialised gives a blob that fails in the next process (`NOT_FOUND: Function ... not
+    found`). The runs after it keep working. (JAX's keys hold the cache directory's path, so this
+    runs on the fixture's own directory: the fixture's lists were taken already.)"""
+    import shutil
+
+    from meanfield.sweep.executables import SUBDIR
+
+    cache, _, _ = two_runs
+    shutil.rmtree(cache / SUBDIR)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    env = dict(MEANFIELD_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    for _ in range(2):
+        _run(tmp_path, "tiny.yaml", "--out", str(tmp_path / "out"), "--overwrite", "--quiet", **env)
+        assert not any(name.startswith(SUBDIR) for name in _entries(cache)), _entries(cache)
+
+
 def test_switched_off(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
     cache = tmp_path / "cache"

@@ -15,7 +15,8 @@ Two gaps of JAX's persistent compilation cache, both measured on `meanfield run`
    is traced from instead (`traced_key`): the package's own source, the versions of every library that
    takes part in tracing, Python, JAX's configuration, the XLA flags, the devices, and what the caller
    passes (the group's configuration, the initial-token arrays, the input shapes). On a hit nothing is
-   traced; on a miss the program is traced, lowered and compiled (through 1.) and stored.
+   traced; on a miss the program is traced, lowered and compiled (through 1.), and stored if XLA
+   compiled it here (`compile_here`): a program that JAX's cache supplied cannot be serialised again.
 
 An entry that cannot be loaded (damaged, another build) is compiled again and replaced; writes are
 atomic. Without JAX's cache directory (the cache is off) nothing is stored. Like JAX's cache, the
@@ -32,6 +33,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.monitoring
 
 from .store import atomic_write_bytes
 
@@ -152,25 +154,55 @@ def _store(compiled, path: Path) -> None:
         pass
 
 
-def compile_lowered(lowered, devices, directory: Path | None = None):
-    """`lowered.compile()`, through this process's store of compiled programs (1. of the module
-    docstring). `devices`: the devices the program runs on (this process's local devices)."""
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+"""What JAX records (`jax.monitoring`) when its persistent cache supplies a program."""
+
+
+def compile_here(lowered):
+    """(`lowered.compile()`, whether XLA compiled it in this call). False when JAX's persistent cache
+    supplied the program: such a program must not be serialised again. Its blob loads, and then fails
+    in a fresh process with `NOT_FOUND: Function <fusion> not found` (measured: jaxlib 0.10.2 on CPU),
+    so only programs compiled here are stored."""
+    events = []
+
+    def listen(event, **kwargs):
+        events.append(event)
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    return compiled, CACHE_HIT_EVENT not in events
+
+
+def _compile_lowered(lowered, devices, directory: Path | None):
+    """(compiled program, whether it was compiled here): `compile_lowered` for `compile_traced`."""
     directory = store_dir() if directory is None else directory
     if directory is None:
-        return lowered.compile()
+        return compile_here(lowered)
     path = directory / f"{program_key(lowered, devices)}.bin"
     loaded = _load(path, devices)
     if loaded is not None:
-        return loaded
-    compiled = lowered.compile()
-    _store(compiled, path)
-    return compiled
+        return loaded, False
+    compiled, fresh = compile_here(lowered)
+    if fresh:
+        _store(compiled, path)
+    return compiled, fresh
+
+
+def compile_lowered(lowered, devices, directory: Path | None = None):
+    """`lowered.compile()`, through this process's store of compiled programs (1. of the module
+    docstring). `devices`: the devices the program runs on (this process's local devices)."""
+    return _compile_lowered(lowered, devices, directory)[0]
 
 
 def compile_traced(lower, parts, devices, directory: Path | None = None):
     """The compiled program of `lower()` (a function returning a `jax.stages.Lowered`), loaded without
     tracing when the store holds one under `traced_key(parts, devices)` (2. of the module docstring);
-    otherwise lowered, compiled through `compile_lowered`, and stored."""
+    otherwise lowered and compiled through `compile_lowered`, and stored if it was compiled here (a
+    program that came from a cache is not: see `compile_here`; the next launch traces it again and
+    loads it from that cache, as before)."""
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
         return compile_lowered(lower(), devices)
@@ -178,6 +210,7 @@ def compile_traced(lower, parts, devices, directory: Path | None = None):
     loaded = _load(path, devices)
     if loaded is not None:
         return loaded
-    compiled = compile_lowered(lower(), devices)
-    _store(compiled, path)
+    compiled, fresh = _compile_lowered(lower(), devices, None)
+    if fresh:
+        _store(compiled, path)
     return compiled
