@@ -118,7 +118,7 @@ class StallGuard(diffrax.AbstractAdaptiveStepSizeController):
         return self.controller.atol
 
     @property
-    def norm(self):  # noqa: D102
+    def norm(self):
         return self.controller.norm
 
     @property
