@@ -198,18 +198,19 @@ def test_traced_store_loads_without_tracing(tmp_path):
     lowered, x = _lowered()
     want = lowered.compile()(x)["y"].tolist()
     devices = jax.local_devices()
-    first = executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)
+    first, loaded = executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)
     (entry,) = tmp_path.glob("traced-*.bin")
-    assert first(x)["y"].tolist() == want
+    assert first(x)["y"].tolist() == want and loaded is None
 
     def no_trace():
         raise AssertionError("traced although the store holds the program")
 
-    assert executables.compile_traced(no_trace, ["group A"], devices, tmp_path)(x)["y"].tolist() == want
+    again, loaded = executables.compile_traced(no_trace, ["group A"], devices, tmp_path)
+    assert again(x)["y"].tolist() == want and loaded == entry
     with pytest.raises(AssertionError, match="traced although"):
         executables.compile_traced(no_trace, ["group B"], devices, tmp_path)
     entry.write_bytes(b"not a program")
-    assert executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)(x)["y"].tolist() == want
+    assert executables.compile_traced(lambda: lowered, ["group A"], devices, tmp_path)[0](x)["y"].tolist() == want
     assert entry.read_bytes() != b"not a program"
 
 
@@ -259,5 +260,39 @@ def test_second_run_traces_nothing(tmp_path, monkeypatch):
         second = run_experiment(cfg, out=tmp_path / "b", quiet=True, plots=False)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+    for name in first.dataset.data_vars:
+        np.testing.assert_array_equal(first.dataset[name].values, second.dataset[name].values)
+
+
+def test_a_stored_program_that_fails_to_run_is_compiled_again(tmp_path, monkeypatch, capsys):
+    """A stored program that loads but fails when run (what re-serialising a program from JAX's cache
+    gave: `NOT_FOUND: Function ... not found`) costs a warning, not the run: its entry is deleted, the
+    chunk is computed by a freshly compiled program, and the numbers are those of the first run."""
+    import numpy as np
+    import yaml
+
+    from meanfield.sweep import executables
+    from meanfield.sweep.plan import config_from_dict
+    from meanfield.sweep.run import run_experiment
+
+    cfg = config_from_dict(yaml.safe_load(TINY))
+    before = jax.config.jax_compilation_cache_dir
+    real_load = executables._load
+
+    def broken(values):
+        raise jax.errors.JaxRuntimeError("NOT_FOUND: Function concatenate_broadcast_fusion not found (type id: 1)")
+
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "cache"))
+        first = run_experiment(cfg, out=tmp_path / "a", quiet=True, plots=False)
+        (entry,) = (tmp_path / "cache" / executables.SUBDIR).glob("traced-*.bin")
+        monkeypatch.setattr(executables, "_load", lambda path, devices: (
+            broken if path == entry and path.is_file() else real_load(path, devices)))
+        second = run_experiment(cfg, out=tmp_path / "b", quiet=True, plots=False)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    err = capsys.readouterr().err
+    assert "a stored compiled program failed to run (NOT_FOUND" in err and "compiled again" in err, err
+    assert err.count("failed to run") == 1  # deleted once; the fresh program ran
     for name in first.dataset.data_vars:
         np.testing.assert_array_equal(first.dataset[name].values, second.dataset[name].values)

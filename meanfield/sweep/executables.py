@@ -198,19 +198,20 @@ def compile_lowered(lowered, devices, directory: Path | None = None):
 
 
 def compile_traced(lower, parts, devices, directory: Path | None = None):
-    """The compiled program of `lower()` (a function returning a `jax.stages.Lowered`), loaded without
-    tracing when the store holds one under `traced_key(parts, devices)` (2. of the module docstring);
-    otherwise lowered and compiled through `compile_lowered`, and stored if it was compiled here (a
-    program that came from a cache is not: see `compile_here`; the next launch traces it again and
-    loads it from that cache, as before)."""
+    """(compiled program, the entry it was loaded from or None). The program of `lower()` (a function
+    returning a `jax.stages.Lowered`) is loaded without tracing when the store holds one under
+    `traced_key(parts, devices)` (2. of the module docstring); otherwise it is lowered and compiled
+    through `compile_lowered`, and stored if it was compiled here (a program that came from a cache is
+    not: see `compile_here`; the next launch traces it again and loads it from that cache, as before).
+    A loaded program that then fails to run is the caller's to discard (delete the entry, call again)."""
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
-        return compile_lowered(lower(), devices)
+        return compile_lowered(lower(), devices), None
     path = directory / f"traced-{traced_key(parts, devices)}.bin"
     loaded = _load(path, devices)
     if loaded is not None:
-        return loaded
+        return loaded, path
     compiled, fresh = _compile_lowered(lower(), devices, None)
     if fresh:
         _store(compiled, path)
-    return compiled
+    return compiled, None

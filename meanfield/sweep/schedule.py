@@ -138,6 +138,7 @@ class _Compiled:
         self.devices = devices
         self.fns: dict[int, object] = {}
         self.executables: dict[tuple[int, int], object] = {}
+        self.loaded: dict[tuple[int, int], Path] = {}  # programs loaded untraced: their store entries
         self.seconds = 0.0
 
     def __call__(self, gi: int, values: dict):
@@ -148,10 +149,24 @@ class _Compiled:
         key = (gi, len(values[POINT_INDEX]))
         if key not in self.executables:
             t0 = time.perf_counter()
-            self.executables[key] = compile_traced(lambda: fn.lower(values), self._traced_from(gi, values),
-                                                   self.devices)
+            self.executables[key], entry = compile_traced(lambda: fn.lower(values), self._traced_from(gi, values),
+                                                          self.devices)
+            if entry is not None:
+                self.loaded[key] = entry
             self.seconds += time.perf_counter() - t0
         return self.executables[key]
+
+    def discard(self, gi: int, values: dict) -> bool:
+        """Forget the program of group `gi` at this chunk size if it was loaded from the store, and
+        delete its entry: the next call traces and compiles it again. False when it was compiled in
+        this process (then its failure is the computation's own)."""
+        key = (gi, len(values[POINT_INDEX]))
+        entry = self.loaded.pop(key, None)
+        if entry is None:
+            return False
+        self.executables.pop(key, None)
+        entry.unlink(missing_ok=True)
+        return True
 
     def _traced_from(self, gi: int, values: dict) -> list:
         """What group `gi`'s program is traced from (`executables.traced_key`'s parts): `_build`'s
@@ -242,8 +257,19 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
                 sharding = NamedSharding(mesh, PartitionSpec("points"))
                 values = {p: jax.device_put(v, sharding) for p, v in values.items()}
             fn = compiled(c.group, values)
-            with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
-                out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+            try:
+                with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
+                    out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+            except jax.errors.JaxRuntimeError as exc:
+                # A stored program that loads but cannot run (e.g. written by a build that serialised
+                # it wrongly): drop its entry and compute with a freshly compiled one; never a failed run.
+                if not compiled.discard(c.group, values):
+                    raise
+                print(f"warning: {tag} a stored compiled program failed to run ({str(exc).splitlines()[0][:200]}); "
+                      "its cache entry was deleted and the program is compiled again", file=sys.stderr, flush=True)
+                fn = compiled(c.group, values)
+                with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
+                    out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
         idx = group.indices[todo]
         atomic_write_dataset(chunk_dataset(plan, idx, out, h), chunk_path(run_dir, int(idx.min()), int(idx.max())))
         index.add(idx)
