@@ -135,8 +135,9 @@ class StallGuard(diffrax.AbstractAdaptiveStepSizeController):
     def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
         keep, next_t0, next_t1, made_jump, state, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state)
-        same = [jnp.all(a == b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(controller_state))]
-        repeat = ~keep & (next_t0 == t0) & (next_t1 == t1) & jnp.all(jnp.array(same + [True]))
+        repeat = ~keep & (next_t0 == t0) & (next_t1 == t1)
+        for new_leaf, old_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(controller_state)):
+            repeat = repeat & jnp.all(new_leaf == old_leaf)  # the controller state too: the retry is identical
         stuck = repeat | (t1 <= t0)
         return keep & ~stuck, next_t0, next_t1, made_jump, state, diffrax.RESULTS.where(
             stuck, diffrax.RESULTS.dt_min_reached, result)

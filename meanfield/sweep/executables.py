@@ -143,13 +143,15 @@ def _load(path: Path, devices):
         return None
 
 
-def _store(compiled, path: Path) -> None:
+def _store(compiled, paths) -> None:
+    """Serialise `compiled` once and write it to every path of `paths`."""
     from jax.experimental.serialize_executable import serialize
 
     try:
         blob = pickle.dumps(serialize(compiled))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(blob, path)  # removes its temporary file if the write fails
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(blob, path)  # removes its temporary file if the write fails
     except Exception:  # noqa: BLE001 -- a program that cannot be serialised, or a full disk: run without storing
         pass
 
@@ -176,34 +178,33 @@ def compile_here(lowered):
     return compiled, CACHE_HIT_EVENT not in events
 
 
-def _compile_lowered(lowered, devices, directory: Path | None):
-    """(compiled program, whether it was compiled here): `compile_lowered` for `compile_traced`."""
-    directory = store_dir() if directory is None else directory
-    if directory is None:
-        return compile_here(lowered)
-    path = directory / f"{program_key(lowered, devices)}.bin"
-    loaded = _load(path, devices)
-    if loaded is not None:
-        return loaded, False
-    compiled, fresh = compile_here(lowered)
-    if fresh:
-        _store(compiled, path)
-    return compiled, fresh
-
-
-def compile_lowered(lowered, devices, directory: Path | None = None):
+def compile_lowered(lowered, devices, directory: Path | None = None, *, also=()):
     """`lowered.compile()`, through this process's store of compiled programs (1. of the module
-    docstring). `devices`: the devices the program runs on (this process's local devices)."""
-    return _compile_lowered(lowered, devices, directory)[0]
+    docstring). `devices`: the devices the program runs on (this process's local devices). A program
+    compiled here is also written to the paths `also` (`compile_traced`'s entry); one loaded from a
+    store or supplied by JAX's cache is not (see `compile_here`)."""
+    directory = store_dir() if directory is None else directory
+    paths = list(also)
+    if directory is not None:
+        path = directory / f"{program_key(lowered, devices)}.bin"
+        loaded = _load(path, devices)
+        if loaded is not None:
+            return loaded
+        paths.insert(0, path)
+    compiled, fresh = compile_here(lowered)
+    if fresh and paths:
+        _store(compiled, paths)
+    return compiled
 
 
 def compile_traced(lower, parts, devices, directory: Path | None = None):
     """(compiled program, the entry it was loaded from or None). The program of `lower()` (a function
     returning a `jax.stages.Lowered`) is loaded without tracing when the store holds one under
     `traced_key(parts, devices)` (2. of the module docstring); otherwise it is lowered and compiled
-    through `compile_lowered`, and stored if it was compiled here (a program that came from a cache is
-    not: see `compile_here`; the next launch traces it again and loads it from that cache, as before).
-    A loaded program that then fails to run is the caller's to discard (delete the entry, call again)."""
+    through `compile_lowered`, which stores it there too if it was compiled here (a program that came
+    from a cache is not: see `compile_here`; the next launch traces it again and loads it from that
+    cache, as before). A loaded program that then fails to run is the caller's to discard (delete the
+    entry, call again)."""
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
         return compile_lowered(lower(), devices), None
@@ -211,7 +212,4 @@ def compile_traced(lower, parts, devices, directory: Path | None = None):
     loaded = _load(path, devices)
     if loaded is not None:
         return loaded, path
-    compiled, fresh = _compile_lowered(lower(), devices, None)
-    if fresh:
-        _store(compiled, path)
-    return compiled, None
+    return compile_lowered(lower(), devices, also=(path,)), None

@@ -256,10 +256,13 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
             if mesh is not None:
                 sharding = NamedSharding(mesh, PartitionSpec("points"))
                 values = {p: jax.device_put(v, sharding) for p, v in values.items()}
-            fn = compiled(c.group, values)
-            try:
+
+            def run(fn):
                 with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
-                    out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+                    return jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+
+            try:
+                out = run(compiled(c.group, values))
             except jax.errors.JaxRuntimeError as exc:
                 # A stored program that loads but cannot run (e.g. written by a build that serialised
                 # it wrongly): drop its entry and compute with a freshly compiled one; never a failed run.
@@ -267,9 +270,7 @@ def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quie
                     raise
                 print(f"warning: {tag} a stored compiled program failed to run ({str(exc).splitlines()[0][:200]}); "
                       "its cache entry was deleted and the program is compiled again", file=sys.stderr, flush=True)
-                fn = compiled(c.group, values)
-                with StallWatch(f"{plan.config.name} chunk {c.name(plan)}"):
-                    out = jax.tree.map(lambda a: np.asarray(a)[: len(todo)], fn(values))
+                out = run(compiled(c.group, values))
         idx = group.indices[todo]
         atomic_write_dataset(chunk_dataset(plan, idx, out, h), chunk_path(run_dir, int(idx.min()), int(idx.max())))
         index.add(idx)
