@@ -174,7 +174,41 @@ def old_engine_rate(raw: dict, n_points: int) -> float:
     return n_points / (time.perf_counter() - t0)
 
 
-def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float) -> dict:
+def gaussian_floor(points: list[tuple[float, int]], lanes: int = 256, reps: int = 20) -> dict:
+    """Workload 2's floor: the d = 4 moment field of `lanes` points, one batched evaluation timed inside
+    a compiled loop, x the stage evaluations a sample of the sweep's points needs (6 per accepted tsit5
+    step + 1; rejected steps not counted, so this is a lower bound on the field's share)."""
+    from meanfield.simulate.gaussian import _factored_field
+
+    d = 4
+    models = [mf.Model.random(jax.random.fold_in(jax.random.key(seed), 0), d, mlp="affine", beta=beta)
+              for beta, seed in points]
+    batch = jax.tree.map(lambda *a: jnp.stack(a), *models)
+    B = len(points)
+    m0, S0 = jnp.full((B, d), 0.2), jnp.broadcast_to(0.5 * jnp.eye(d), (B, d, d))
+    sol = jax.jit(lambda mo, m, S: mf.simulate_gaussian(mo, m, S, 4.0, n_save=11))(batch, m0, S0)
+    evals_per_point = float(np.mean(6 * np.asarray(sol.num_steps) + 1))
+    pool = jax.tree.map(lambda a: a[:lanes], batch)
+    y = (m0[:lanes], jnp.linalg.cholesky(S0[:lanes]))
+    one = jax.vmap(lambda yy, mo: _factored_field(0.0, yy, {"model": mo}))
+    field = jax.jit(lambda y, mo: jax.lax.fori_loop(
+        0, reps, lambda i, Y: jax.tree.map(lambda a, b: a + 1e-3 * b, Y, one(Y, mo)), y))
+    jax.block_until_ready(field(y, pool))
+    best = min(_timed(lambda: field(y, pool)) for _ in range(5)) / reps
+    per_lane = best / lanes
+    return {"field_ns_per_lane_eval": 1e9 * per_lane, "stage_evals_per_point": evals_per_point,
+            "floor_us_per_point": 1e6 * per_lane * evals_per_point, "sample": B,
+            "steps": steps_line(np.asarray(sol.num_steps))}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
+def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float,
+          floor: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run_experiment(config_from_dict(raw), out=Path(tmp) / "run", quiet=True, plots=False)
@@ -198,6 +232,15 @@ def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points
     print(f"   old engine jit(vmap), chunks of 256 {old_rate:10.1f} points/s (timed on {old_points} points, compile excluded)")
     print(f"   target >= {target:g}x the loop: {rate / loop_rate:.1f}x  {verdict(rate / loop_rate >= target)}  "
           f"(vs old engine: {rate / old_rate:.1f}x)")
+    if floor is not None:
+        field_s = floor["floor_us_per_point"] * 1e-6 * n_points
+        budget = n_points / (target * loop_rate)
+        out["floor"] = dict(floor, field_s=field_s, target_budget_s=budget)
+        print(f"   floor: the field alone, {floor['field_ns_per_lane_eval']:.0f} ns per lane-evaluation x "
+              f"{floor['stage_evals_per_point']:.0f} stage evaluations per point (sample of {floor['sample']}; steps "
+              f"{floor['steps']}) = {field_s:.1f} s for {n_points} points; the engine takes {engine_s / field_s:.1f}x that")
+        print(f"   the target's budget at this loop: {budget:.1f} s, compile included; the field alone "
+              f"{'fits in it' if field_s < budget else 'does not fit in it'} ({field_s / budget:.0%} of it)")
     return out
 
 
@@ -244,8 +287,9 @@ def main() -> None:
     if 2 not in skip:
         n_beta, n_seed, g_loop, g_old = (100, 100, 100, 1024) if args.quick else (1000, 100, 200, 2048)
         pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, g_loop), rng.integers(0, n_seed, g_loop))]
+        floor_pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, 1024), rng.integers(0, n_seed, 1024))]
         rows.append(sweep("2. Gaussian d=4", gaussian_config(n_beta, n_seed), n_beta * n_seed, loop_gaussian, pts,
-                          g_old, 30.0))
+                          g_old, 30.0, floor=gaussian_floor(floor_pts)))
     if 3 not in skip:
         n_rho, n_seed, p_loop, p_old = (16, 16, 32, 256) if args.quick else (32, 32, 64, 512)
         pts = [(float(r), int(s)) for r, s in zip(np.exp(rng.uniform(np.log(0.05), np.log(20), p_loop)),

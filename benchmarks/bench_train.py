@@ -8,7 +8,8 @@ vocabulary, seq_len 128, batch 16; `experiments/training_telemetry.yaml`) and a 
    also the model's own MLP shape (2048 x d) @ (d x 4d).
 2. Training throughput: the updates after step 50 of the K = 50 run below, from its `train_seconds`
    (telemetry excluded, the step's compile too); FLOPs counted as 6 x parameters x tokens per step
-   (attention's T^2 terms not counted).
+   (attention's T^2 terms not counted). The batch is split over one CPU device per core, as
+   `meanfield train` does (`train.loop.data_devices`); the same run on one device is the baseline.
    Target: >= 50% of the 1024^2 matmul throughput.
 3. Telemetry overhead at K = 50 (rho both ways, linear erank, hidden eranks, validation loss every 50
    steps; Lyapunov spectrum every 100): wall time of the same run with K = 50 against K = steps, the
@@ -24,9 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # as `meanfield train`
+    _cores = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_cores}".strip()
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +40,7 @@ import numpy as np
 
 from meanfield.train import train
 from meanfield.train.config import train_config_from_dict
+from meanfield.train.loop import data_devices
 
 
 def matmul_gflops(m: int, k: int, n: int, rounds: int = 5, reps: int = 10) -> float:
@@ -72,10 +79,16 @@ def params_of(d: int) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def timed_run(cfg, root: Path, name: str):
+def timed_run(cfg, root: Path, name: str, devices: int | None = None):
     t = time.perf_counter()
-    ds = train(cfg, root / name, quiet=True)
+    ds = train(cfg, root / name, quiet=True, devices=devices)
     return time.perf_counter() - t, ds
+
+
+def step_seconds(ds, steps: int) -> float:
+    """Seconds per update after the record at step 50 (the step's compile excluded)."""
+    ts = ds.train_seconds.values
+    return float(ts[-1] - ts[1]) / (steps - int(ds.step.values[1]))
 
 
 def main() -> None:
@@ -90,6 +103,9 @@ def main() -> None:
     floor = matmul_gflops(1024, 1024, 1024)
     out["matmul_gflops_1024"] = floor
     print(f"matmul floor: (1024 x 1024)^2 float32 {floor:.1f} GFLOP/s")
+    split = len(data_devices(16))
+    out["data_devices"] = split
+    print(f"each batch of 16 split over {split} CPU device(s) ({len(jax.local_devices())} shown to JAX)")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for d in widths:
@@ -100,15 +116,16 @@ def main() -> None:
             wall_off, ds_off = timed_run(config(d, steps, steps, 0), root, f"off{d}")
             wall_on, ds_on = timed_run(config(d, steps, 50, 100), root, f"on{d}")
             wall_guard, ds_guard = timed_run(config(d, steps, steps, 0, guard=True), root, f"guard{d}")
-            # updates only, from the record at step 50 on: the first step's compile excluded
-            ts = ds_on.train_seconds.values
-            per_step = float(ts[-1] - ts[1]) / (steps - int(ds_on.step.values[1]))
+            _, ds_one = timed_run(config(d, steps, 50, 0), root, f"one{d}", devices=1)
+            per_step = step_seconds(ds_on, steps)
+            per_step_one = step_seconds(ds_one, steps)
             flops = 6 * n_params * 16 * 128
             gflops = flops / per_step / 1e9
             overhead = wall_on / wall_off - 1
             guard_cost = wall_guard / wall_off - 1
             tel = ds_on.telemetry_seconds.values[1:]
             row = dict(d_model=d, params=n_params, matmul_mlp_shape_gflops=mlp, step_ms=per_step * 1e3,
+                       step_ms_one_device=per_step_one * 1e3,
                        train_gflops=gflops, fraction_of_floor=gflops / floor, wall_no_telemetry_s=wall_off,
                        wall_telemetry_k50_s=wall_on, telemetry_overhead=overhead, wall_guard_s=wall_guard,
                        guard_overhead=guard_cost, telemetry_record_s=float(np.mean(tel)),
@@ -119,6 +136,8 @@ def main() -> None:
             print(f"  training: {per_step * 1e3:.0f} ms/step (after step 50), {gflops:.1f} GFLOP/s "
                   f"(6 N D) = {gflops / floor:.0%} of the 1024^2 matmul floor  "
                   f"[target >= 50%: {'met' if gflops / floor >= 0.5 else 'NOT met'}]")
+            print(f"  the same on one device: {per_step_one * 1e3:.0f} ms/step ({flops / per_step_one / 1e9:.1f} GFLOP/s, "
+                  f"{flops / per_step_one / 1e9 / floor:.0%}); the split is {per_step_one / per_step:.2f}x faster")
             print(f"  telemetry every 50 steps (+ Lyapunov every 100): wall {wall_on:.1f} s vs {wall_off:.1f} s without "
                   f"-> {overhead:+.1%} (one record {np.mean(tel):.2f} s)  "
                   f"[target <= 10%: {'met' if overhead <= 0.10 else 'NOT met'}]")

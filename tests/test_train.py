@@ -248,7 +248,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(trained, tmp_path):
 
     f.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "killed"
-    env = dict(os.environ, MEANFIELD_COMPILE_CACHE="0")
+    # One CPU device, as the in-process run (`meanfield train` splits batches over one device per core).
+    env = dict(os.environ, MEANFIELD_COMPILE_CACHE="0",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1")
     proc = subprocess.Popen([sys.executable, "-m", "meanfield", "train", str(f), "--out", str(out), "--quiet"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -263,6 +265,45 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(trained, tmp_path):
     ds = xr.load_dataset(out / "telemetry.nc", engine="h5netcdf")
     assert ds.attrs["resumed_from"] == "20"
     xr.testing.assert_identical(ds.drop_vars(TIMING).drop_attrs(), full.drop_vars(TIMING).drop_attrs())
+
+
+SPLIT_SCRIPT = """
+import json, sys
+import numpy as np, xarray as xr
+import jax
+from meanfield.train import TrainingInterrupted, train
+from meanfield.train.config import train_config_from_dict
+raw, root = json.loads(sys.argv[1]), sys.argv[2]
+cfg = train_config_from_dict(raw)
+assert len(jax.local_devices()) == 2
+one = train(cfg, root + "/one", quiet=True, devices=1)
+two = train(cfg, root + "/two", quiet=True)
+try:
+    train(cfg, root + "/resumed", quiet=True, stop_after=20)
+except TrainingInterrupted:
+    pass
+resumed = train(cfg, root + "/resumed", quiet=True, resume=True)
+timing = ["train_seconds", "telemetry_seconds"]
+xr.testing.assert_identical(resumed.drop_vars(timing).drop_attrs(), two.drop_vars(timing).drop_attrs())
+for v in ["train_loss", "val_loss", "grad_norm", "rho_wo", "rho_value", "hidden_erank", "lyapunov"]:
+    np.testing.assert_allclose(two[v].values, one[v].values, rtol=2e-4, atol=1e-5, err_msg=v)
+print(json.dumps([json.load(open(root + "/" + k + "/train.json"))["data_devices"] for k in ("one", "two")]))
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_split_over_two_devices_trains_the_same_model(tmp_path):
+    """Two CPU devices (as `meanfield train` shows one per core): each step's batch is split over
+    both. The numbers equal a one-device run's to float32 rounding, and a run resumed from its
+    checkpoint equals the uninterrupted two-device run exactly."""
+    import json
+
+    env = dict(os.environ, MEANFIELD_COMPILE_CACHE="0",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
+    res = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, json.dumps(TINY), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [1, 2]
 
 
 def test_band_exit_and_collapse_steps_of_the_figure():

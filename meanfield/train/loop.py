@@ -68,6 +68,20 @@ def _guard_scale(opt_state):
     return getattr(last, "scale", None)
 
 
+def data_devices(batch_size: int, devices: int | None = None) -> list:
+    """The local devices a step's batch is split over: the most of them (at most `devices`) that
+    divide `batch_size`. Each computes the loss and gradient of its slice of the batch on a copy of
+    the parameters, and the gradients are summed across them (data parallelism). On a CPU, JAX shows
+    one device unless `--xla_force_host_platform_device_count` says otherwise (`meanfield train` sets
+    it to the cores it may use); small models run their kernels one after another, so a device per
+    core is how a step uses more than one core."""
+    local = jax.local_devices()
+    n = len(local) if devices is None else max(1, min(int(devices), len(local)))
+    while batch_size % n:
+        n -= 1
+    return local[:n]
+
+
 def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) -> dict | None:
     """A run directory is one `meanfield train` made (it holds train.json); refuse anything else.
     Returns the train.json of the run being resumed (None for a new or replaced run)."""
@@ -100,11 +114,14 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool, digest: str) ->
 
 
 def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
-          base_dir: Path | None = None, stop_after: int | None = None, corpus: Corpus | None = None) -> xr.Dataset:
+          base_dir: Path | None = None, stop_after: int | None = None, corpus: Corpus | None = None,
+          devices: int | None = None) -> xr.Dataset:
     """Train one configuration (no grid) into `run_dir`; returns the telemetry dataset.
 
     `resume`: continue from the newest checkpoint (a run with none starts over). `stop_after`: stop
     (raise `TrainingInterrupted`) right after the checkpoint at that step, as a kill would.
+    `devices`: split each batch over at most this many local devices (default: all that divide the
+    batch; `data_devices`). The numbers depend on the split only through float rounding.
     Raises ConfigError for a bad run directory or corpus (nothing written)."""
     if cfg.grid:
         raise ConfigError("train: this configuration has a grid; use train_grid")
@@ -117,6 +134,8 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
     info = {"config_digest": digest, "corpus": corpus.source, "corpus_sha256": corpus.sha256,
             "corpus_bytes": {"train": int(len(corpus.train)), "val": int(len(corpus.val))},
             "jax": jax.__version__, "backend": jax.default_backend()}
+    split = data_devices(d.batch_size, devices)
+    info["data_devices"] = len(split)
     if old is not None and old.get("corpus_sha256") != corpus.sha256:
         raise ConfigError(f"--out {run_dir}: was trained on other bytes (corpus sha256 {str(old.get('corpus_sha256'))[:12]}..., "
                           f"now {corpus.sha256[:12]}...; another Python's stdlib or an edited file); --overwrite to start again")
@@ -170,12 +189,21 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
         nnx.replace_by_pure_dict(s, p)
         return nnx.merge(graphdef, s)
 
-    @jax.jit
-    def step_fn(p, o, window):
+    def step(p, o, window):
         loss, grads = jax.value_and_grad(lambda q: cross_entropy(build(q), window))(p)
         gnorm = optax.tree.norm(grads)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss, gnorm
+
+    if len(split) > 1:  # parameters and optimiser state copied on every device, the batch split over them
+        mesh = jax.sharding.Mesh(np.array(split), ("data",))
+        copied = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        step_fn = jax.jit(step, in_shardings=(copied, copied, rows), out_shardings=copied)
+        params, opt_state = jax.device_put((params, opt_state), copied)
+    else:
+        step_fn = jax.jit(step)
+    first = split[0]
 
     # Fixed for the whole run: on the device once, not at every record.
     val_windows = jnp.asarray(fixed_windows(corpus.val, t.val_batches * d.batch_size, d.seq_len).reshape(
@@ -188,7 +216,8 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
     losses, gnorms = [], []
 
     def record(step):
-        model = build(params)
+        # Telemetry runs on one device: the same programs and numbers whatever the split.
+        model = build(jax.device_put(params, first))
         row = recorder.measure(
             step, model, config_json=config_json, val_windows=val_windows, probe=probe,
             lyapunov_tokens=lyap_tokens, lyapunov=bool(t.lyapunov_every) and (step % t.lyapunov_every == 0 or step == cfg.steps),
