@@ -14,7 +14,8 @@ vocabulary, seq_len 128, batch 16; `experiments/training_telemetry.yaml`) and a 
 3. Telemetry overhead at K = 50 (rho both ways, linear erank, hidden eranks, validation loss every 50
    steps; Lyapunov spectrum every 100): wall time of the same run with K = 50 against K = steps, the
    telemetry programs compiled beforehand. Target: <= 10%.
-4. Spectral guard (every step, band 0.5-2): wall time against the same run without it (reported).
+4. Spectral guard (every step, band 0.5-2): wall time against the same run without it (reported). A
+   guarded run keeps one device (`train`: its SVDs on every device cost more than the split gains).
 
     python benchmarks/bench_train.py [--steps N] [--quick]
 
@@ -141,7 +142,7 @@ def main() -> None:
             print(f"  telemetry every 50 steps (+ Lyapunov every 100): wall {wall_on:.1f} s vs {wall_off:.1f} s without "
                   f"-> {overhead:+.1%} (one record {np.mean(tel):.2f} s)  "
                   f"[target <= 10%: {'met' if overhead <= 0.10 else 'NOT met'}]")
-            print(f"  spectral guard every step: wall {wall_guard:.1f} s -> {guard_cost:+.1%}; final val loss "
+            print(f"  spectral guard every step (one device): wall {wall_guard:.1f} s -> {guard_cost:+.1%}; final val loss "
                   f"{row['val_loss_guard']:.4f} with, {row['val_loss_no_guard']:.4f} without")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

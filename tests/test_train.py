@@ -283,6 +283,15 @@ try:
 except TrainingInterrupted:
     pass
 resumed = train(cfg, root + "/resumed", quiet=True, resume=True)
+try:
+    train(cfg, root + "/mixed", quiet=True, stop_after=20)
+except TrainingInterrupted:
+    pass
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(cfg, root + "/mixed", quiet=True, resume=True, devices=1)
+assert any("split over 2 device(s), resumes on 1" in str(w.message) for w in caught), [str(w.message) for w in caught]
 timing = ["train_seconds", "telemetry_seconds"]
 xr.testing.assert_identical(resumed.drop_vars(timing).drop_attrs(), two.drop_vars(timing).drop_attrs())
 for v in ["train_loss", "val_loss", "grad_norm", "rho_wo", "rho_value", "hidden_erank", "lyapunov"]:
@@ -295,7 +304,8 @@ print(json.dumps([json.load(open(root + "/" + k + "/train.json"))["data_devices"
 def test_a_batch_split_over_two_devices_trains_the_same_model(tmp_path):
     """Two CPU devices (as `meanfield train` shows one per core): each step's batch is split over
     both. The numbers equal a one-device run's to float32 rounding, and a run resumed from its
-    checkpoint equals the uninterrupted two-device run exactly."""
+    checkpoint equals the uninterrupted two-device run exactly; resuming on another number of devices
+    warns that the numbers will differ by rounding."""
     import json
 
     env = dict(os.environ, MEANFIELD_COMPILE_CACHE="0",
