@@ -321,7 +321,7 @@ TRAIN_MAX_CPU_DEVICES = 8
 def _cpu_devices_for_training() -> None:
     """Show JAX one CPU device per core this process may use (at most 8) for `meanfield train`, unless
     XLA_FLAGS already sets the count. A small model's step runs its kernels one after another on one
-    core; split over one device per core (`train.loop.data_devices`) it uses them all: 1.2-1.5x on 2
+    core; split over one device per core (`train.loop.data_devices`) it uses them all: 1.2-1.3x on 2
     cores (benchmarks/README.md). No effect on GPU or TPU runs. Must run before JAX creates its CPU client."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
