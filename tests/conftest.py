@@ -14,6 +14,18 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _xla_flags_unchanged():
+    """`meanfield.cli.main` sets XLA_FLAGS for its command (e.g. one CPU device per core for `train`);
+    called in-process it must not change what later tests' subprocesses inherit."""
+    before = os.environ.get("XLA_FLAGS")
+    yield
+    if before is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = before
+
+
 @pytest.fixture
 def key():
     return jax.random.key(20261123)
