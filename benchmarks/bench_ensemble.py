@@ -60,13 +60,15 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def timed(fn) -> float:
+    """Seconds of one call of `fn`, its result ready."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
+
+
 def median_time(fn, rounds: int) -> float:
-    ts = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.median([timed(fn) for _ in range(rounds)]))
 
 
 def steps_line(steps) -> str:
@@ -194,17 +196,11 @@ def gaussian_floor(points: list[tuple[float, int]], lanes: int = 256, reps: int 
     field = jax.jit(lambda y, mo: jax.lax.fori_loop(
         0, reps, lambda i, Y: jax.tree.map(lambda a, b: a + 1e-3 * b, Y, one(Y, mo)), y))
     jax.block_until_ready(field(y, pool))
-    best = min(_timed(lambda: field(y, pool)) for _ in range(5)) / reps
+    best = min(timed(lambda: field(y, pool)) for _ in range(5)) / reps
     per_lane = best / lanes
     return {"field_ns_per_lane_eval": 1e9 * per_lane, "stage_evals_per_point": evals_per_point,
             "floor_us_per_point": 1e6 * per_lane * evals_per_point, "sample": B,
             "steps": steps_line(np.asarray(sol.num_steps))}
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - t0
 
 
 def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float,

@@ -26,22 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # as `meanfield train`
-    _cores = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 8)
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_cores}".strip()
+from meanfield.cli import _cpu_devices_for_training
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+_cpu_devices_for_training()  # one CPU device per core, as `meanfield train` (before JAX starts its CPU client)
 
-from meanfield.train import train
-from meanfield.train.config import train_config_from_dict
-from meanfield.train.loop import data_devices
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from meanfield.train import train  # noqa: E402
+from meanfield.train.config import train_config_from_dict  # noqa: E402
+from meanfield.train.loop import data_devices  # noqa: E402
 
 
 def matmul_gflops(m: int, k: int, n: int, rounds: int = 5, reps: int = 10) -> float:
