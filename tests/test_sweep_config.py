@@ -211,3 +211,70 @@ def test_replaced_shaped_rho0_is_refused():
         config_from_dict(raw)
     raw["shaped"] = {"corr0": 0.3}
     assert config_from_dict(raw).shaped.corr0 == 0.3
+
+
+def _same_plan(a, b):
+    assert a.points == b.points and a.axes == b.axes and len(a.groups) == len(b.groups)
+    for ga, gb in zip(a.groups, b.groups):
+        assert ga.config == gb.config and ga.traced_paths == gb.traced_paths
+        np.testing.assert_array_equal(ga.indices, gb.indices)
+        assert ga.values.keys() == gb.values.keys()
+        for p in ga.values:
+            assert ga.values[p].dtype == gb.values[p].dtype, p
+            np.testing.assert_array_equal(ga.values[p], gb.values[p])
+
+
+@pytest.mark.parametrize("sweep", [
+    {"grid": {"model.beta": {"lin": [0.1, 2.0, 7]}, "seed": {"range": [0, 5, 1]}}},
+    {"grid": {"model.spectral_ratio": {"log": [0.05, 20.0, 4]}}, "zip": {"model.a_attn": [1, 2.5], "seed": [3, 4]}},
+    {"points": [{"model.beta": 1, "initial.cov": 0.5}, {"model.beta": 2.0, "initial.cov": 0}]},
+    {"grid": {"model.b": [-0.0, 0.0, 1], "simulator.rtol": [1e-4, 1e-5]}},
+])
+def test_value_by_value_planning_equals_point_by_point(sweep):
+    """A sweep over `INDEPENDENT_PATHS` is validated once per distinct value (the fast path) and gives
+    exactly the groups, values (with their dtypes, int vs float, -0.0) and config of the point loop."""
+    raw = _with(model={"mlp": "two_layer"}, sweep=sweep)
+    cfg = config_from_dict(raw)
+    _same_plan(make_plan(cfg), make_plan(cfg, by_value=False))
+
+
+@pytest.mark.parametrize("sweep, field", [
+    ({"grid": {"model.beta": [1.0, -2.0], "seed": [0, 1]}}, "sweep point 2 (model.beta=-2.0, seed=0)"),
+    ({"grid": {"seed": [0, 2**31]}}, "seed"),
+    ({"grid": {"model.a_attn": [1.0, 1e39]}}, "overflows float32"),
+])
+def test_value_by_value_planning_reports_the_first_bad_point(sweep, field):
+    raw = _with(model={"mlp": "two_layer"}, sweep=sweep)
+    with pytest.raises(ConfigError) as err:
+        make_plan(config_from_dict(raw, source="exp.yaml"), source="exp.yaml")
+    assert field in str(err.value), str(err.value)
+
+
+def test_independent_paths_are_read_by_no_cross_field_validator():
+    """`INDEPENDENT_PATHS` stays true: no model validator of the schema reads those fields' values
+    (beyond `is None` / list-ness checks, which a swept number never meets)."""
+    import inspect
+
+    from meanfield.sweep import config as C
+    from meanfield.sweep.plan import INDEPENDENT_PATHS
+
+    allowed = {  # reads that cannot see a swept number's value
+        "spectral_ratio": ["self.spectral_ratio is not None"],
+        "b": ["isinstance(self.b, list)", "len(self.b)"],
+        "mean": ["isinstance(init.mean, list)", "len(init.mean)"],
+        "cov": ["isinstance(self.cov, float) and self.cov < 0", "isinstance(self.cov, Eye)", "self.cov.eye",
+                "isinstance(self.cov, Diag)", "self.cov.diag", "isinstance(self.cov, list)", "_check_covariance(self.cov)",
+                "isinstance(init.cov, list)", "len(init.cov)", "init.cov)", "isinstance(init.cov, Diag)", "init.cov.diag"],
+    }
+    sources = []
+    for _, cls in inspect.getmembers(C, inspect.isclass):
+        if issubclass(cls, C.BaseModel) and cls.__module__ == C.__name__:
+            for name, dec in cls.__pydantic_decorators__.model_validators.items():
+                src = inspect.getsource(getattr(cls, name))
+                sources.append(re.sub(r'"[^"\n]*"|\'[^\'\n]*\'', '""', src))  # messages are not reads
+    for path in INDEPENDENT_PATHS:
+        leaf = path.split(".")[-1]
+        for src in sources:
+            for kw in allowed.get(leaf, []):
+                src = src.replace(kw, "")
+            assert not re.search(rf"\.{leaf}\b|\b{leaf}\s*=", src), (path, src)

@@ -3,7 +3,9 @@ except reading the file).
 
 Points = product(grid axes) x zip rows x explicit `points`, then `derived` fields evaluated per
 point. Each point's full config is validated, so an impossible value anywhere in the sweep
-(beta < 0, rho <= 0, n <= 0, a wrong shape) is reported before anything runs.
+(beta < 0, rho <= 0, n <= 0, a wrong shape) is reported before anything runs. (A sweep of numbers
+over `INDEPENDENT_PATHS`, which no cross-field check reads, is validated once per distinct value:
+the same verdict, 10^5 points in under a second instead of 15 s.)
 
 Points whose configs differ only in traced numbers (floats and seeds, not shapes) share a
 `Group`: one jit-compiled, vmapped function runs all of them. Shape-defining integers
@@ -450,14 +452,80 @@ def _check_memory(cfg: ExperimentConfig, traced, source: str) -> None:
                           f"output.memory_budget_gb = {cfg.output.memory_budget_gb:g}; make it smaller or raise the budget")
 
 
-def make_plan(cfg: ExperimentConfig, source: str = "<config>") -> Plan:
-    """Expand and validate every sweep point; group them by compiled signature."""
+INDEPENDENT_PATHS = frozenset({
+    "seed", "model.beta", "model.a_attn", "model.a_mlp", "model.spectral_ratio", "model.b", "initial.mean",
+    "initial.cov", "simulator.rtol", "simulator.atol", "simulator.blowup_threshold", "regimes.collapse_tol",
+    "regimes.growth_limit", "shaped.corr0", "shaped.gamma_attn2", "shaped.gamma_mlp2", "shaped.tau0",
+    "shaped.c_plus", "shaped.c_minus",
+})
+"""Fields whose numeric values only their own constraints judge (`ge`, `gt`, a scalar covariance >= 0):
+no cross-field validator reads their value (`spectral_ratio` is read only for being None, `b`,
+`mean`, `cov` only for being lists; a swept number is neither; `tests/test_sweep_config.py` checks the
+validators' source). A sweep of numbers over these paths alone is valid iff each value is valid
+on its own, so `make_plan` validates each distinct value once instead of each point."""
+
+
+def _plan_independent(cfg: ExperimentConfig, points: list[dict], base: dict):
+    """`make_plan`'s groups for a sweep whose points set numbers on the same `INDEPENDENT_PATHS`
+    (no derived fields): one full validation of the first point plus one per distinct value of each
+    axis, instead of one per point (10^5 points: 15 s -> under 1 s). None when it does not apply or a
+    value is refused (the point-by-point loop then reports the first bad point, as always)."""
+    if cfg.sweep.derived or not points:
+        return None
+    paths = tuple(points[0])
+    if not set(paths) <= INDEPENDENT_PATHS:
+        return None
+    for pt in points:
+        if tuple(pt) != paths or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pt.values()):
+            return None
+    tree0 = pickle.loads(pickle.dumps(base))
+    for path, value in points[0].items():
+        set_path(tree0, path, value)
+    tree0["sweep"] = {}
+    try:
+        cfg0 = ExperimentConfig.model_validate(tree0)
+    except ValidationError:
+        return None
+    kind, lyapunov = cfg0.simulator.kind, cfg0.simulator.lyapunov is not None
+    if not all(_is_traced(p, points[0][p], kind, lyapunov) for p in paths):
+        return None
+    f32 = cfg0.dtype == "float32"
+    if f32:
+        for section in ("model", "initial", "simulator", "shaped"):
+            if float32_overflow(base.get(section), section) is not None:
+                return None
+    tree0_bytes = pickle.dumps(tree0)
+    values = {}
+    for path in paths:
+        coerced = {}  # value -> the validated (coerced) value, as the point's dumped config holds it
+        column = [pt[path] for pt in points]
+        key = lambda v: (type(v), v, math.copysign(1.0, v))  # noqa: E731 - 1 vs 1.0 and -0.0 vs 0.0 apart
+        for value in {key(v): v for v in column}.values():
+            if f32 and float32_overflow(value, path) is not None:
+                return None
+            tree = pickle.loads(tree0_bytes)
+            set_path(tree, path, value)
+            try:
+                coerced[key(value)] = get_path(ExperimentConfig.model_validate(tree).model_dump(mode="python"), path)
+            except ValidationError:
+                return None
+        values[path] = np.asarray([coerced[key(v)] for v in column])
+    return [Group(config=cfg0, traced_paths=paths, indices=np.arange(len(points), dtype=np.int64), values=values)]
+
+
+def make_plan(cfg: ExperimentConfig, source: str = "<config>", *, by_value: bool = True) -> Plan:
+    """Expand and validate every sweep point; group them by compiled signature. (`by_value`: a sweep
+    of numbers over `INDEPENDENT_PATHS` is validated value by value, with the same result.)"""
     points, axes = expand_points(cfg)
     # Plots are checked once, against the whole sweep's axes (ExperimentConfig._check_plots); each
     # point's config carries the default plots.
     base = cfg.model_dump(mode="python", exclude={"sweep", "plots"})
     groups: dict[str, dict] = {}
     base_checked = False  # for float32 overflow: the base once, then each point's swept values
+    fast = _plan_independent(cfg, points, base) if by_value else None
+    if fast is not None:
+        _check_memory(fast[0].config, fast[0].traced_paths, source)
+        return Plan(config=cfg, points=points, axes=axes, groups=fast)
     base_bytes = pickle.dumps(base)  # a fresh copy per point: unpickling is ~5x faster than deepcopy
     for i, pt in enumerate(points):
         tree = pickle.loads(base_bytes)
