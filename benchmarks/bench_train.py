@@ -30,9 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from meanfield.cli import _cpu_devices_for_training
+from meanfield.cli import _cpu_devices
 
-_cpu_devices_for_training()  # one CPU device per core, as `meanfield train` (before JAX starts its CPU client)
+_cpu_devices()  # one CPU device per core, as `meanfield train` (before JAX starts its CPU client)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

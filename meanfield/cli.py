@@ -315,19 +315,24 @@ def _avoid_eigen_pool_wedge() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_SAFE_FLAG}".strip()
 
 
-TRAIN_MAX_CPU_DEVICES = 8
+MAX_CPU_DEVICES = 8
+"""The most CPU devices `meanfield run` and `meanfield train` create (one per core)."""
 
 
-def _cpu_devices_for_training() -> None:
-    """Show JAX one CPU device per core this process may use (at most 8) for `meanfield train`, unless
-    XLA_FLAGS already sets the count. A small model's step runs its kernels one after another on one
-    core; split over one device per core (`train.loop.data_devices`) it uses them all: 1.2-1.3x on 2
-    cores (benchmarks/README.md). No effect on GPU or TPU runs. Must run before JAX creates its CPU client."""
+def _cpu_devices() -> None:
+    """Show JAX one CPU device per core this process may use (at most 8; its CPU affinity, so
+    `taskset` counts) for `meanfield run` and `meanfield train`, unless XLA_FLAGS already sets the
+    count. XLA runs one program's kernels on one core: split over one device per core, a sweep's
+    chunk runs one ensemble pool per device (`sweep.schedule`) and a training step computes its
+    batch in parts (`train.loop.data_devices`). Measured on 2 cores (benchmarks/README.md): 10^5
+    Gaussian points 1.2x, a batch of 16 sequences 1.2-1.3x. No effect on GPU or TPU runs. Launch
+    several processes on one machine with `--xla_force_host_platform_device_count=1` in XLA_FLAGS
+    (or each under `taskset`). Must run before JAX creates its CPU client."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = min(cores, TRAIN_MAX_CPU_DEVICES)
+    n = min(cores, MAX_CPU_DEVICES)
     if n > 1:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
@@ -342,8 +347,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "train":  # training is large matmuls: it needs the threaded pool (and never wedged)
         _avoid_eigen_pool_wedge()
-    else:
-        _cpu_devices_for_training()
+    if args.command in ("run", "train"):
+        _cpu_devices()
     import matplotlib
 
     matplotlib.use("Agg")  # the command line only draws to files; the library leaves the backend alone
