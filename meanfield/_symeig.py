@@ -35,7 +35,8 @@ and indefinite matrices)."""
 
 
 def _rotate(M, p: int, q: int):
-    """J^T M J zeroing M[p][q] (p < q static); M is n x n nested lists of batch arrays."""
+    """(J^T M J zeroing M[p][q], c, s) for p < q static; M is n x n nested lists of batch arrays and
+    J the rotation with J_pp = J_qq = c, J_pq = s, J_qp = -s."""
     app, aqq, apq = M[p][p], M[q][q], M[p][q]
     d = aqq - app
     # |tau| = |d / 2 a_pq| beyond 1/sqrt(eps): sqrt(1 + tau^2) = |tau| to rounding, so t = a_pq / d;
@@ -55,7 +56,7 @@ def _rotate(M, p: int, q: int):
     M[p] = [c * a - s * b for a, b in zip(rp, rq)]
     M[q] = [s * a + c * b for a, b in zip(rp, rq)]
     M[p][q] = M[q][p] = jnp.zeros_like(apq)
-    return M
+    return M, c, s
 
 
 @jax.jit  # called eagerly (a notebook's metrics), the unrolled rotations would be ~1,000 dispatches
@@ -69,16 +70,47 @@ def eigvalsh(A) -> jax.Array:
     n = A.shape[-1]
     if n > JACOBI_MAX_N or not jnp.issubdtype(A.dtype, jnp.floating):
         return jnp.linalg.eigvalsh(A)
+    lam, _ = _jacobi(A, vectors=False)
+    return jnp.sort(lam, axis=-1)
+
+
+def _jacobi(A, vectors: bool):
+    """(eigenvalues (..., n) unsorted, eigenvectors (..., n, n) as columns or None) by `SWEEPS`
+    cyclic Jacobi sweeps; V accumulates the rotations, A = V diag(lam) V^T."""
+    n = A.shape[-1]
     batch = A.shape[:-2]
     flat = A.reshape((-1, n, n))
     M = [[flat[:, i, i] if i == j else 0.5 * (flat[:, i, j] + flat[:, j, i]) for j in range(n)] for i in range(n)]
+    one, zero = jnp.ones_like(flat[:, 0, 0]), jnp.zeros_like(flat[:, 0, 0])
+    V = [[one if i == j else zero for j in range(n)] for i in range(n)] if vectors else None
     pairs = [(p, q) for p in range(n - 1) for q in range(p + 1, n)]
 
-    def sweep(_, M):
+    def sweep(_, state):
+        M, V = state
         for p, q in pairs:
-            M = _rotate(M, p, q)
-        return M
+            M, c, s = _rotate(M, p, q)
+            if V is not None:  # V J: columns p and q
+                V = [list(row) for row in V]
+                for row in V:
+                    row[p], row[q] = c * row[p] - s * row[q], s * row[p] + c * row[q]
+        return M, V
 
-    M = jax.lax.fori_loop(0, SWEEPS, sweep, M) if pairs else M
-    lam = jnp.sort(jnp.stack([M[i][i] for i in range(n)], axis=-1), axis=-1)
-    return lam.reshape(batch + (n,))
+    M, V = jax.lax.fori_loop(0, SWEEPS, sweep, (M, V)) if pairs else (M, V)
+    lam = jnp.stack([M[i][i] for i in range(n)], axis=-1).reshape(batch + (n,))
+    if V is None:
+        return lam, None
+    return lam, jnp.stack([jnp.stack(row, axis=-1) for row in V], axis=-2).reshape(batch + (n, n))
+
+
+@jax.jit
+def eigh(A) -> tuple[jax.Array, jax.Array]:
+    """(ascending eigenvalues, eigenvectors as columns) of the symmetric matrices A (..., n, n), as
+    `jnp.linalg.eigh`: Jacobi rotations for n <= JACOBI_MAX_N (no LAPACK call: a sweep's programs
+    can then run on several CPU devices at once, `sweep.schedule`), LAPACK above."""
+    A = jnp.asarray(A)
+    n = A.shape[-1]
+    if n > JACOBI_MAX_N or not jnp.issubdtype(A.dtype, jnp.floating):
+        return jnp.linalg.eigh(A)
+    lam, V = _jacobi(A, vectors=True)
+    order = jnp.argsort(lam, axis=-1)
+    return jnp.take_along_axis(lam, order, axis=-1), jnp.take_along_axis(V, order[..., None, :], axis=-1)

@@ -134,18 +134,36 @@ def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path):
     xr.testing.assert_allclose(resumed.drop_attrs(), clean.drop_attrs())
 
 
-def test_four_devices_give_the_one_device_results(tmp_path):
-    raw = _particles(output={"chunk_size": 4})
+GAUSSIAN = {
+    "name": "tiny_gaussian", "model": {"d": 3, "mlp": "affine"}, "initial": {"kind": "gaussian", "mean": 0.2, "cov": 0.5},
+    "simulator": {"kind": "gaussian", "t1": 2.0, "n_save": 5}, "observables": ["cov_trace", "effective_rank"],
+    "sweep": {"grid": {"model.beta": [0.5, 1.0, 2.0], "seed": [0, 1, 2, 3]}}, "output": {"chunk_size": 8},
+    "plots": {"curves": None},
+}
+
+
+@pytest.mark.parametrize("raw, split", [
+    (_particles(output={"chunk_size": 4}, model=dict(PARTICLES["model"], spectral_ratio=1.0)), False),  # an SVD
+    (GAUSSIAN, True)], ids=["particles_lapack", "gaussian"])
+def test_four_devices_give_the_one_device_results(tmp_path, raw, split):
+    """Four CPU devices: a LAPACK-free chunk program (Gaussian moments, d <= 4) is split over them; one
+    that calls LAPACK (the SVD of `spectral_ratio`) runs on one device and says so (several
+    concurrent LAPACK calls hang jaxlib 0.10's CPU thread pool, `schedule._Compiled`). Same numbers."""
     f = _write(tmp_path, raw)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-m", "meanfield", "run", str(f), "--out", str(tmp_path / "sharded"), "--quiet"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               MEANFIELD_CACHE_DIR=str(tmp_path / "cache"))
+    for out in ("sharded", "again"):  # the second launch loads the program (and the one-device choice) untraced
+        res = subprocess.run([sys.executable, "-m", "meanfield", "run", str(f), "--out", str(tmp_path / out), "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert ("runs on one CPU device" in res.stderr) == (not split), res.stderr
+    assert any((tmp_path / "cache").rglob("*.one-device")) == (not split)
     sharded = mf.load_run(tmp_path / "sharded")
     assert len(sharded.attrs["devices"].split(", ")) == 4
     single = run_experiment(config_from_dict(raw), out=tmp_path / "single", quiet=True).dataset
     # Different XLA batching: float32 results agree to a few ulps (measured max 3.6e-7).
     xr.testing.assert_allclose(sharded.drop_attrs(), single.drop_attrs(), rtol=1e-6, atol=1e-6)
+    xr.testing.assert_identical(mf.load_run(tmp_path / "again").drop_attrs(), sharded.drop_attrs())
 
 
 def test_initial_tokens_from_file_and_plot_command(tmp_path):

@@ -68,3 +68,22 @@ def test_no_lapack_call_in_the_program():
     assert "custom_call" not in small
     large = _symeig.eigvalsh.lower(jnp.zeros((16, 5, 5))).as_text()
     assert "custom_call" in large
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_eigh_vectors_rebuild_the_matrix(n, x64):
+    """`eigh` (Jacobi up to 4 x 4): orthonormal eigenvectors with A = V diag(lam) V^T, eigenvalues
+    ascending and equal to LAPACK's, on the hard batch; 5 x 5 goes to LAPACK."""
+    A = _hard_batch(n, np.random.default_rng(10 + n))
+    scale = np.abs(np.linalg.eigvalsh(A)).max(-1)[:, None, None]
+    for dtype, tol in ((jnp.float64, 1e-13), (jnp.float32, 5e-6)):
+        lam, V = _symeig.eigh(jnp.asarray(A, dtype))
+        lam, V = np.asarray(lam, np.float64), np.asarray(V, np.float64)
+        np.testing.assert_allclose(lam, np.linalg.eigvalsh(A), atol=tol * scale.max())
+        assert np.all(np.abs(V @ (lam[..., None] * np.swapaxes(V, -1, -2)) - A) <= tol * 10 * scale)
+        assert np.abs(np.swapaxes(V, -1, -2) @ V - np.eye(n)).max() <= tol * 10
+        assert np.all(np.diff(lam, axis=-1) >= 0)
+    assert "lapack" not in jax.jit(_symeig.eigh).lower(jnp.asarray(A)).as_text()
+    big = np.random.default_rng(0).standard_normal((5, 5))
+    lam, V = _symeig.eigh(jnp.asarray(big + big.T))
+    np.testing.assert_allclose(np.asarray(V) @ np.diag(lam) @ np.asarray(V).T, big + big.T, atol=1e-12)

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from .. import _display as D
 from .._display import Summarised, Summary
 from .._linalg import matmul
+from .._symeig import eigh
 from .._types import Cov, Mean
 from ..model.field import gaussian_closure_error, moment_matrices
 from .core import Trajectory, solve, solve_ensemble
@@ -96,10 +97,11 @@ def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:
     Eigenvalues below `rank_rtol * lambda_max` (default d * eps) are treated as zero, so a
     rank-r covariance gets exactly d - r zero columns. S must be a covariance up to rounding
     (`simulate_gaussian` refuses anything else before it gets here): the symmetrisation and the
-    clipping only absorb round-off, they do not repair an asymmetric or indefinite matrix.
+    clipping only absorb round-off, they do not repair an asymmetric or indefinite matrix. (Jacobi
+    rotations up to 4 x 4, `meanfield._symeig.eigh`: no LAPACK call in a sweep's program.)
     """
     S = 0.5 * (S + S.T)
-    lam, U = jnp.linalg.eigh(S)
+    lam, U = eigh(S)
     tol = (S.shape[-1] * jnp.finfo(S.dtype).eps if rank_rtol is None else rank_rtol) * jnp.max(jnp.abs(lam))
     lam = jnp.where(lam > tol, lam, 0.0)
     return U * jnp.sqrt(lam)

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
-from .executables import compile_traced
+from .executables import compile_traced, store_dir, traced_key
 from .plan import Plan
 from .points import auto_chunk_size, make_chunk_function, make_point_function, plan_group_attention, uses_ensemble
 from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
@@ -128,33 +128,90 @@ def chunk_grid(plan: Plan, n_dev: int, n_proc: int, attention: dict) -> list[Chu
     return grid
 
 
+class _CallsLapack(Exception):
+    """A chunk program sharded over several CPU devices would call LAPACK (`_Compiled`)."""
+
+
+def calls_lapack(lowered) -> bool:
+    """Whether a lowered program calls jaxlib's CPU LAPACK kernels (SVD, eigh, QR, Cholesky, ...)."""
+    return "lapack_" in lowered.as_text()
+
+
+class _OnDevice:
+    """A compiled program that runs on one device: its inputs are moved there first."""
+
+    def __init__(self, compiled, device):
+        self.compiled, self.device = compiled, device
+
+    def __call__(self, values):
+        return self.compiled(jax.device_put(values, self.device))
+
+
 class _Compiled:
     """The compiled function of each group and batch size, built on first use; compiling (ahead of
     the first call, or loading it untraced from `executables.compile_traced`'s store, or from JAX's
-    persistent cache) is timed apart in `seconds`."""
+    persistent cache) is timed apart in `seconds`.
+
+    Several CPU devices (`meanfield run` makes one per core): a group's chunk is split over them (one
+    ensemble pool each) unless its program calls LAPACK. jaxlib 0.10's CPU LAPACK kernels split a
+    batch over XLA's intra-op thread pool and block their pool thread until the pieces are done
+    (`meanfield._symeig`); with one such call per device running at once, every pool thread waits and
+    the run hangs at 0% CPU (`gdb` on a 2-device particle sweep: both pool threads in
+    `lapack_sgesdd_ffi` -> `ParallelBatchMap` -> `BlockingCounter::Wait`). Such a group runs on the
+    first device; the choice is remembered next to the stored programs (`.one-device`), so a later
+    launch loads it untraced."""
 
     def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices):
         self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
         self.devices = devices
-        self.fns: dict[int, object] = {}
+        self.fns: dict[int, tuple] = {}
         self.executables: dict[tuple[int, int], object] = {}
         self.loaded: dict[tuple[int, int], Path] = {}  # programs loaded untraced: their store entries
         self.seconds = 0.0
 
     def __call__(self, gi: int, values: dict):
         """The function to call on `values` (a chunk of group `gi`)."""
-        fn = self.fns[gi] if gi in self.fns else self._build(gi)
+        fn, single = self.fns[gi] if gi in self.fns else self._build(gi)
         if not hasattr(fn, "lower"):  # the low-rank path: a Python loop over jitted points
             return fn
         key = (gi, len(values[POINT_INDEX]))
         if key not in self.executables:
             t0 = time.perf_counter()
-            self.executables[key], entry = compile_traced(lambda: fn.lower(values), self._traced_from(gi, values),
-                                                          self.devices)
+            self.executables[key], entry = self._compile(gi, fn, single, values)
             if entry is not None:
                 self.loaded[key] = entry
             self.seconds += time.perf_counter() - t0
         return self.executables[key]
+
+    def _compile(self, gi: int, fn, single, values: dict):
+        parts = self._traced_from(gi, values, self.mesh)
+        if self.mesh is None or self.devices[0].platform != "cpu":
+            return compile_traced(lambda: fn.lower(values), parts, self.devices)
+        base = store_dir(every_process=True)
+        marker = None if base is None else base / f"traced-{traced_key(parts, self.devices)}.one-device"
+        if marker is None or not marker.exists():
+
+            def lower():
+                lowered = fn.lower(values)
+                if calls_lapack(lowered):
+                    raise _CallsLapack
+                return lowered
+
+            try:
+                return compile_traced(lower, parts, self.devices)
+            except _CallsLapack:
+                if marker is not None:
+                    try:
+                        marker.parent.mkdir(parents=True, exist_ok=True)
+                        marker.touch()
+                    except OSError:
+                        pass
+        log(f"[{self.plan.config.name}] group {gi} runs on one CPU device: its program calls LAPACK, which "
+            "hangs when run on several CPU devices at once", self.quiet)
+        device = self.devices[0]
+        on_one = jax.device_put(values, device)
+        exe, entry = compile_traced(lambda: single.lower(on_one), self._traced_from(gi, on_one, None), [device])
+        return _OnDevice(exe, device), entry
 
     def discard(self, gi: int, values: dict) -> bool:
         """Forget the program of group `gi` at this chunk size if it was loaded from the store, and
@@ -168,14 +225,14 @@ class _Compiled:
         entry.unlink(missing_ok=True)
         return True
 
-    def _traced_from(self, gi: int, values: dict) -> list:
+    def _traced_from(self, gi: int, values: dict, mesh) -> list:
         """What group `gi`'s program is traced from (`executables.traced_key`'s parts): `_build`'s
         inputs (the group's configuration and numbered paths, its initial tokens, its attention plan,
         the mesh) and the chunk's shapes, dtypes and shardings."""
         group = self.plan.groups[gi]
         tokens = self.tokens.get(gi)
         parts = [group.config.model_dump_json(), repr(sorted(group.traced_paths)), repr(self.attention[gi]),
-                 repr(self.mesh)]
+                 repr(mesh)]
         if tokens is not None:
             tokens = np.asarray(tokens)
             parts += [f"{tokens.shape} {tokens.dtype}", np.ascontiguousarray(tokens).tobytes()]
@@ -189,15 +246,16 @@ class _Compiled:
         cfg = group.config
         tokens = self.tokens.get(gi)
         lowrank = self.attention[gi]
+        single = None  # the program on one device (`_compile`)
         if uses_ensemble(cfg, group.traced_paths, point_by_point(cfg, lowrank)):
             # The ensemble integrator: each device runs its own pool over its share of the chunk.
             chunk = make_chunk_function(cfg, group.traced_paths, tokens, lanes=cfg.output.lanes)
+            fn = single = jax.jit(chunk)
             if self.mesh is not None:
-                chunk = jax.shard_map(chunk, mesh=self.mesh, in_specs=PartitionSpec("points"),
-                                      out_specs=PartitionSpec("points"), check_vma=False)
-            fn = jax.jit(chunk)
+                fn = jax.jit(jax.shard_map(chunk, mesh=self.mesh, in_specs=PartitionSpec("points"),
+                                           out_specs=PartitionSpec("points"), check_vma=False))
         elif lowrank is None:
-            fn = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, tokens)))
+            fn = single = jax.jit(jax.vmap(make_point_function(cfg, group.traced_paths, tokens)))
         else:
             # One point at a time, unvmapped: the in-jit fallback of the low-rank attention stays a real branch.
             one = jax.jit(make_point_function(cfg, group.traced_paths, tokens, attention=lowrank))
@@ -208,8 +266,8 @@ class _Compiled:
 
             log(f"[{self.plan.config.name}] low-rank attention, Chebyshev orders {lowrank.orders} "
                  f"({int(np.prod(lowrank.orders))} features), one point per chunk", self.quiet)
-        self.fns[gi] = fn
-        return fn
+        self.fns[gi] = fn, single
+        return fn, single
 
 
 def run_plan(plan: Plan, run_dir: Path, index: ChunkIndex, tokens: dict, *, quiet: bool = False,
