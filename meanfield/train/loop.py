@@ -135,10 +135,15 @@ def train(cfg: TrainConfig, run_dir, *, resume: bool = False, overwrite: bool = 
     info = {"config_digest": digest, "corpus": corpus.source, "corpus_sha256": corpus.sha256,
             "corpus_bytes": {"train": int(len(corpus.train)), "val": int(len(corpus.val))},
             "jax": jax.__version__, "backend": jax.default_backend()}
-    if devices is None and cfg.guard.enabled:
+    if cfg.guard.enabled and (devices is None or jax.default_backend() == "cpu"):
         # The guard's SVDs, run on every device of a split step, cost more than the split gains
         # (d_model 128, 2 CPU devices: 282-299 ms/step against 271-308 on one; 209 against 277 without
-        # the guard), so a guarded run keeps one device unless `devices` asks for more.
+        # the guard), so a guarded run keeps one device unless `devices` asks for more. On CPU it
+        # always keeps one: jaxlib 0.10's LAPACK kernels hang when several run at once on the CPU
+        # thread pool (`meanfield.sweep.schedule._Compiled`).
+        if devices not in (None, 1) and jax.default_backend() == "cpu":
+            warnings.warn("a run with the spectral guard trains on one CPU device: its SVDs (LAPACK) can hang "
+                          "when several CPU devices run them at once", stacklevel=2)
         devices = 1
     split = data_devices(d.batch_size, devices)
     info["data_devices"] = len(split)
