@@ -19,6 +19,10 @@ median). Workloads (issue #14):
 4. `meanfield run experiments/quickstart.yaml` twice in fresh processes sharing one compilation
    cache: the second run's computation time (printed by the command) against 3 s.
 
+Workloads 2 and 3 run as `meanfield run` does, on one CPU device per core (`--one-device`: on one);
+a group whose program calls LAPACK stays on one device (`meanfield.sweep.schedule`). The loops and
+the batched library calls of workload 1 use one device.
+
     python benchmarks/bench_ensemble.py [--quick] [--json PATH] [--skip 2,3,4] [--one-device]
 """
 
