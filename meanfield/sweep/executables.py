@@ -197,6 +197,12 @@ def compile_lowered(lowered, devices, directory: Path | None = None, *, also=())
     return compiled
 
 
+def traced_entry(directory: Path, parts, devices, suffix: str = ".bin") -> Path:
+    """The store's file for what a program is traced from (`traced_key`): its program (`.bin`), or a
+    note beside it (`schedule` keeps `.one-device` there)."""
+    return directory / f"traced-{traced_key(parts, devices)}{suffix}"
+
+
 def compile_traced(lower, parts, devices, directory: Path | None = None):
     """(compiled program, the entry it was loaded from or None). The program of `lower()` (a function
     returning a `jax.stages.Lowered`) is loaded without tracing when the store holds one under
@@ -208,7 +214,7 @@ def compile_traced(lower, parts, devices, directory: Path | None = None):
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
         return compile_lowered(lower(), devices), None
-    path = directory / f"traced-{traced_key(parts, devices)}.bin"
+    path = traced_entry(directory, parts, devices)
     loaded = _load(path, devices)
     if loaded is not None:
         return loaded, path

@@ -452,6 +452,19 @@ def _check_memory(cfg: ExperimentConfig, traced, source: str) -> None:
                           f"output.memory_budget_gb = {cfg.output.memory_budget_gb:g}; make it smaller or raise the budget")
 
 
+def _base_overflow(base: dict) -> str | None:
+    """The first float32 overflow in the sections of a sweep's base config (checked once per plan)."""
+    for section in ("model", "initial", "simulator", "shaped"):
+        if (msg := float32_overflow(base.get(section), section)) is not None:
+            return msg
+    return None
+
+
+def _value_key(v):
+    """A swept number told apart by type and sign of zero (1 vs 1.0, -0.0 vs 0.0 coerce differently)."""
+    return type(v), v, math.copysign(1.0, v)
+
+
 INDEPENDENT_PATHS = frozenset({
     "seed", "model.beta", "model.a_attn", "model.a_mlp", "model.spectral_ratio", "model.b", "initial.mean",
     "initial.cov", "simulator.rtol", "simulator.atol", "simulator.blowup_threshold", "regimes.collapse_tol",
@@ -490,26 +503,23 @@ def _plan_independent(cfg: ExperimentConfig, points: list[dict], base: dict):
     if not all(_is_traced(p, points[0][p], kind, lyapunov) for p in paths):
         return None
     f32 = cfg0.dtype == "float32"
-    if f32:
-        for section in ("model", "initial", "simulator", "shaped"):
-            if float32_overflow(base.get(section), section) is not None:
-                return None
+    if f32 and _base_overflow(base) is not None:
+        return None
     tree0_bytes = pickle.dumps(tree0)
     values = {}
     for path in paths:
         coerced = {}  # value -> the validated (coerced) value, as the point's dumped config holds it
         column = [pt[path] for pt in points]
-        key = lambda v: (type(v), v, math.copysign(1.0, v))  # noqa: E731 - 1 vs 1.0 and -0.0 vs 0.0 apart
-        for value in {key(v): v for v in column}.values():
+        for value in {_value_key(v): v for v in column}.values():
             if f32 and float32_overflow(value, path) is not None:
                 return None
             tree = pickle.loads(tree0_bytes)
             set_path(tree, path, value)
             try:
-                coerced[key(value)] = get_path(ExperimentConfig.model_validate(tree).model_dump(mode="python"), path)
+                coerced[_value_key(value)] = get_path(ExperimentConfig.model_validate(tree).model_dump(mode="python"), path)
             except ValidationError:
                 return None
-        values[path] = np.asarray([coerced[key(v)] for v in column])
+        values[path] = np.asarray([coerced[_value_key(v)] for v in column])
     return [Group(config=cfg0, traced_paths=paths, indices=np.arange(len(points), dtype=np.int64), values=values)]
 
 
@@ -520,12 +530,12 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>", *, by_value: bool
     # Plots are checked once, against the whole sweep's axes (ExperimentConfig._check_plots); each
     # point's config carries the default plots.
     base = cfg.model_dump(mode="python", exclude={"sweep", "plots"})
-    groups: dict[str, dict] = {}
-    base_checked = False  # for float32 overflow: the base once, then each point's swept values
     fast = _plan_independent(cfg, points, base) if by_value else None
     if fast is not None:
         _check_memory(fast[0].config, fast[0].traced_paths, source)
         return Plan(config=cfg, points=points, axes=axes, groups=fast)
+    groups: dict[str, dict] = {}
+    base_checked = False  # for float32 overflow: the base once, then each point's swept values
     base_bytes = pickle.dumps(base)  # a fresh copy per point: unpickling is ~5x faster than deepcopy
     for i, pt in enumerate(points):
         tree = pickle.loads(base_bytes)
@@ -549,9 +559,8 @@ def make_plan(cfg: ExperimentConfig, source: str = "<config>", *, by_value: bool
         if point_cfg.dtype == "float32":
             if not base_checked:
                 base_checked = True
-                for section in ("model", "initial", "simulator", "shaped"):
-                    if (msg := float32_overflow(base.get(section), section)) is not None:
-                        raise ConfigError(f"{source}: {msg}")
+                if (msg := _base_overflow(base)) is not None:
+                    raise ConfigError(f"{source}: {msg}")
             for path, value in pt.items():
                 if (msg := float32_overflow(value, path)) is not None:
                     raise ConfigError(f"{source}: sweep point {i}: {msg}")

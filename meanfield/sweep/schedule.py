@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .claims import Claims
-from .executables import compile_traced, store_dir, traced_key
+from .executables import compile_traced, store_dir, traced_entry
 from .plan import Plan
 from .points import auto_chunk_size, make_chunk_function, make_point_function, plan_group_attention, uses_ensemble
 from .store import ChunkIndex, atomic_write_dataset, chunk_dataset, chunk_path
@@ -188,7 +188,7 @@ class _Compiled:
         if self.mesh is None or self.devices[0].platform != "cpu":
             return compile_traced(lambda: fn.lower(values), parts, self.devices)
         base = store_dir(every_process=True)
-        marker = None if base is None else base / f"traced-{traced_key(parts, self.devices)}.one-device"
+        marker = None if base is None else traced_entry(base, parts, self.devices, ".one-device")
         if marker is None or not marker.exists():
 
             def lower():
