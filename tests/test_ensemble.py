@@ -206,6 +206,19 @@ def test_tail_pool_shrinks_and_every_point_is_written(x64):
     assert np.all(np.asarray(g.success))
 
 
+def test_tail_pools_shrink_small_states_faster():
+    """Pool sizes: small lane states (a d = 4 Gaussian: 4 + 16 numbers) cut 4-fold, particle states
+    halve; pools under 128 lanes are never cut; every chain ends at TAIL_MIN_LANES."""
+    from meanfield.simulate.core import SMALL_LANE_STATE, TAIL_MIN_LANES, tail_pools
+
+    assert tail_pools(256, 20) == [256, 64, 16]
+    assert tail_pools(256, SMALL_LANE_STATE + 1) == [256, 128, 64, 32, 16]
+    assert tail_pools(128, 2) == [128, 32, 16]
+    assert tail_pools(512, 20) == [512, 128, 32, 16]
+    assert tail_pools(100, 20) == [100] and tail_pools(64, 1000) == [64]
+    assert all(p[-1] == TAIL_MIN_LANES for p in (tail_pools(256, 20), tail_pools(1024, 512)))
+
+
 def test_fixed_step_and_piecewise_depth_in_a_batch(x64, key):
     """RK4 with dt0, and a piecewise model (shared layer times) whose lanes are products of exponentials."""
     A1, A2 = np.asarray(jax.random.normal(key, (2, 4, 2, 2), jnp.float64))
