@@ -6,6 +6,10 @@
     mf.metrics.effective_rank(sol.xs[-1])
 """
 
+from ._xla_flags import set_cpu_defaults as _set_cpu_defaults
+
+_set_cpu_defaults()  # before JAX creates its CPU client (meanfield._xla_flags)
+
 from . import metrics as metrics
 from .model.attention import attention as attention
 from .model.attention import blocked_attention as blocked_attention

@@ -160,7 +160,7 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 """What JAX records (`jax.monitoring`) when its persistent cache supplies a program."""
 
 
-def compile_here(lowered):
+def compile_here(lowered, options=None):
     """(`lowered.compile()`, whether XLA compiled it in this call). False when JAX's persistent cache
     supplied the program: such a program must not be serialised again. Its blob loads, and then fails
     in a fresh process with `NOT_FOUND: Function <fusion> not found` (measured: jaxlib 0.10.2 on CPU),
@@ -172,26 +172,28 @@ def compile_here(lowered):
 
     jax.monitoring.register_event_listener(listen)
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
     finally:
         jax.monitoring.unregister_event_listener(listen)
     return compiled, CACHE_HIT_EVENT not in events
 
 
-def compile_lowered(lowered, devices, directory: Path | None = None, *, also=()):
-    """`lowered.compile()`, through this process's store of compiled programs (1. of the module
+def compile_lowered(lowered, devices, directory: Path | None = None, *, also=(), options=None):
+    """`lowered.compile(compiler_options=options)`, through this process's store of compiled programs (1. of the module
     docstring). `devices`: the devices the program runs on (this process's local devices). A program
     compiled here is also written to the paths `also` (`compile_traced`'s entry); one loaded from a
     store or supplied by JAX's cache is not (see `compile_here`)."""
     directory = store_dir() if directory is None else directory
     paths = list(also)
     if directory is not None:
-        path = directory / f"{program_key(lowered, devices)}.bin"
+        key = program_key(lowered, devices)
+        key = _digest((key, repr(sorted(options.items())))) if options else key
+        path = directory / f"{key}.bin"
         loaded = _load(path, devices)
         if loaded is not None:
             return loaded
         paths.insert(0, path)
-    compiled, fresh = compile_here(lowered)
+    compiled, fresh = compile_here(lowered, options)
     if fresh and paths:
         _store(compiled, paths)
     return compiled
@@ -203,19 +205,20 @@ def traced_entry(directory: Path, parts, devices, suffix: str = ".bin") -> Path:
     return directory / f"traced-{traced_key(parts, devices)}{suffix}"
 
 
-def compile_traced(lower, parts, devices, directory: Path | None = None):
+def compile_traced(lower, parts, devices, directory: Path | None = None, options=None):
     """(compiled program, the entry it was loaded from or None). The program of `lower()` (a function
     returning a `jax.stages.Lowered`) is loaded without tracing when the store holds one under
     `traced_key(parts, devices)` (2. of the module docstring); otherwise it is lowered and compiled
     through `compile_lowered`, which stores it there too if it was compiled here (a program that came
     from a cache is not: see `compile_here`; the next launch traces it again and loads it from that
     cache, as before). A loaded program that then fails to run is the caller's to discard (delete the
-    entry, call again)."""
+    entry, call again). `options`: XLA compile options (part of both keys)."""
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
-        return compile_lowered(lower(), devices), None
+        return compile_lowered(lower(), devices, options=options), None
+    parts = list(parts) + [repr(sorted(options.items()))] if options else parts
     path = traced_entry(directory, parts, devices)
     loaded = _load(path, devices)
     if loaded is not None:
         return loaded, path
-    return compile_lowered(lower(), devices, also=(path,)), None
+    return compile_lowered(lower(), devices, also=(path,), options=options), None

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .._xla_flags import program_options
 from .claims import Claims
 from .executables import compile_traced, store_dir, traced_entry
 from .plan import Plan
@@ -183,10 +184,22 @@ class _Compiled:
             self.seconds += time.perf_counter() - t0
         return self.executables[key]
 
+    def _options(self, gi: int) -> dict:
+        """XLA compile options of group `gi` (`meanfield._xla_flags.program_options`: YNNPACK reduce
+        fusions back on CPU for large token states)."""
+        if self.devices[0].platform != "cpu":
+            return {}
+        cfg = self.plan.groups[gi].config
+        d = cfg.model.d
+        tokens = self.tokens.get(gi)
+        n = int(np.shape(tokens)[-2]) if tokens is not None else cfg.initial.n
+        return program_options(d + d * d if cfg.simulator.kind == "gaussian" else n * d)
+
     def _compile(self, gi: int, fn, single, values: dict):
         parts = self._traced_from(gi, values, self.mesh)
+        options = self._options(gi)
         if self.mesh is None or self.devices[0].platform != "cpu":
-            return compile_traced(lambda: fn.lower(values), parts, self.devices)
+            return compile_traced(lambda: fn.lower(values), parts, self.devices, options=options)
         base = store_dir(every_process=True)
         marker = None if base is None else traced_entry(base, parts, self.devices, ".one-device")
         if marker is None or not marker.exists():
@@ -198,7 +211,7 @@ class _Compiled:
                 return lowered
 
             try:
-                return compile_traced(lower, parts, self.devices)
+                return compile_traced(lower, parts, self.devices, options=options)
             except _CallsLapack:
                 if marker is not None:
                     try:
@@ -210,7 +223,8 @@ class _Compiled:
             "hangs when run on several CPU devices at once", self.quiet)
         device = self.devices[0]
         on_one = jax.device_put(values, device)
-        exe, entry = compile_traced(lambda: single.lower(on_one), self._traced_from(gi, on_one, None), [device])
+        exe, entry = compile_traced(lambda: single.lower(on_one), self._traced_from(gi, on_one, None), [device],
+                                    options=options)
         return _OnDevice(exe, device), entry
 
     def discard(self, gi: int, values: dict) -> bool:
