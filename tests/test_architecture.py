@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "meanfield"
 
 # Layers from the bottom up; a module may import its own layer and the layers below it.
 LAYERS = [
-    ("meanfield._types", "meanfield._linalg", "meanfield._symeig", "meanfield._display", "meanfield._compat",
-     "meanfield._lazy"),
+    ("meanfield._types", "meanfield._xla_flags", "meanfield._linalg", "meanfield._symeig", "meanfield._display",
+     "meanfield._compat", "meanfield._lazy"),
     ("meanfield.model", "meanfield.metrics", "meanfield.initial_tokens", "meanfield.initial"),
     ("meanfield.simulate", "meanfield.regimes", "meanfield.density", "meanfield.shaped", "meanfield.lyapunov",
      "meanfield.control", "meanfield.rule", "meanfield.nets", "meanfield.checkpoints"),

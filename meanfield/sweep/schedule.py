@@ -187,9 +187,9 @@ class _Compiled:
     def _options(self, gi: int) -> dict:
         """XLA compile options of group `gi` (`meanfield._xla_flags.program_options`: YNNPACK reduce
         fusions back on CPU for large token states)."""
-        if self.devices[0].platform != "cpu":
-            return {}
         cfg = self.plan.groups[gi].config
+        if self.devices[0].platform != "cpu" or cfg.model is None:  # no model: the shaped SDE
+            return {}
         d = cfg.model.d
         tokens = self.tokens.get(gi)
         n = int(np.shape(tokens)[-2]) if tokens is not None else cfg.initial.n
