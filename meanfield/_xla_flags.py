@@ -45,7 +45,6 @@ KNOWN_JAXLIB = ((0, 10),)
 OFF_ENV = "MEANFIELD_XLA_DEFAULTS"
 """Set to 0 to keep XLA's own defaults."""
 
-
 YNN_REDUCE_LANE_STATE = 256
 """Lane states above this many numbers (64 tokens x d = 8: 512) compile with YNNPACK reduce fusions
 in sweeps; smaller ones (a d = 4 Gaussian: 20; 32 tokens x d = 3: 96) without."""
@@ -53,19 +52,23 @@ in sweeps; smaller ones (a d = 4 Gaussian: 20; 32 tokens x d = 3: 96) without.""
 
 def program_options(lane_state: int) -> dict:
     """XLA compile options for a program whose lanes hold `lane_state` numbers: YNNPACK reduce fusions
-    back on for large states when `set_cpu_defaults` turned them off in this process; else none."""
+    back on for large states when XLA_FLAGS holds exactly `YNN_FLAG` (as `set_cpu_defaults` appends it,
+    in this process or in the parent that started it, so every process of a run decides alike); else
+    none. A user who writes that same flag gets the same choice."""
     if lane_state <= YNN_REDUCE_LANE_STATE or YNN_FLAG not in os.environ.get("XLA_FLAGS", "").split():
         return {}
     return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def _jaxlib_release() -> tuple[int, int] | None:
+    """(major, minor) of the installed jaxlib, from `jaxlib.__version__` (3 ms: `import jax` imports
+    jaxlib anyway; `importlib.metadata.version` scans the installed distributions, 50 ms per import)."""
     try:
-        from importlib.metadata import version
+        import jaxlib
 
-        major, minor = version("jaxlib").split(".")[:2]
+        major, minor = jaxlib.__version__.split(".")[:2]
         return int(major), int(minor)
-    except Exception:  # not installed the usual way, or an odd version string: leave XLA alone
+    except Exception:  # no jaxlib, or an odd version string: leave XLA alone
         return None
 
 

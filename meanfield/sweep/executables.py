@@ -178,6 +178,11 @@ def compile_here(lowered, options=None):
     return compiled, CACHE_HIT_EVENT not in events
 
 
+def _options_part(options: dict) -> str:
+    """XLA compile options as they enter a store key (`compile_lowered`, `compile_traced`)."""
+    return repr(sorted(options.items()))
+
+
 def compile_lowered(lowered, devices, directory: Path | None = None, *, also=(), options=None):
     """`lowered.compile(compiler_options=options)`, through this process's store of compiled programs (1. of the module
     docstring). `devices`: the devices the program runs on (this process's local devices). A program
@@ -187,7 +192,7 @@ def compile_lowered(lowered, devices, directory: Path | None = None, *, also=(),
     paths = list(also)
     if directory is not None:
         key = program_key(lowered, devices)
-        key = _digest((key, repr(sorted(options.items())))) if options else key
+        key = _digest((key, _options_part(options))) if options else key
         path = directory / f"{key}.bin"
         loaded = _load(path, devices)
         if loaded is not None:
@@ -216,7 +221,7 @@ def compile_traced(lower, parts, devices, directory: Path | None = None, options
     directory = store_dir(every_process=True) if directory is None else directory
     if directory is None:
         return compile_lowered(lower(), devices, options=options), None
-    parts = list(parts) + [repr(sorted(options.items()))] if options else parts
+    parts = list(parts) + [_options_part(options)] if options else parts
     path = traced_entry(directory, parts, devices)
     loaded = _load(path, devices)
     if loaded is not None:
