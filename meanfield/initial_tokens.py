@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._symeig import eigh
 from .model.params import default_float_dtype
 
 
@@ -25,11 +26,13 @@ def hemisphere(key, n: int, d: int, direction=None, dtype=None) -> jax.Array:
 
 
 def gaussian_tokens(key, n: int, m, S, dtype=None) -> jax.Array:
-    """Returns (n, d): n tokens i.i.d. $N(m, S)$, $x = m + S^{1/2} g$ (S may be singular: symmetric square root)."""
+    r"""Returns (n, d): n tokens i.i.d. $N(m, S)$, $x = m + S^{1/2} g$ with the symmetric square root
+    $S^{1/2} = U\Lambda^{1/2}U^\top$ (S may be singular; unique, so the draw does not depend on the
+    eigenvectors' signs or order)."""
     dtype = default_float_dtype() if dtype is None else dtype
     m = jnp.asarray(m, dtype)
     S = jnp.asarray(S, dtype)
-    lam, U = jnp.linalg.eigh(0.5 * (S + S.T))
-    root = U * jnp.sqrt(jnp.clip(lam, 0.0, None))
+    lam, U = eigh(0.5 * (S + S.T))  # Jacobi rotations up to 16 x 16: no LAPACK call in a sweep's program
+    root = (U * jnp.sqrt(jnp.clip(lam, 0.0, None))) @ U.T
     Z = jax.random.normal(key, (n, m.shape[0]), dtype)
     return m + Z @ root.T

@@ -75,6 +75,27 @@ def test_spectral_ratio_setter_is_exact(key, mlp):
     np.testing.assert_array_equal(m2.V, model.V)
 
 
+@pytest.mark.parametrize("shape", [(8, 8), (32, 8), (8, 32), (3, 16, 16), (17, 17)])
+def test_spectral_norm_equals_the_svds(shape, x64):
+    """`spectral_norm`: sqrt of the largest Jacobi eigenvalue of the smaller Gram matrix up to 16 on
+    the smaller side (no LAPACK call), an SVD above; equal to NumPy's 2-norm to rounding, graded and
+    rank-one matrices included, and with the SVD's gradient."""
+    from meanfield.model.spectral import spectral_norm
+
+    rng = np.random.default_rng(sum(shape))
+    A = rng.standard_normal(shape)
+    A[..., 0, :] *= 1e4  # graded rows
+    ones = np.ones(shape[-2:])  # rank one
+    for M in (A, ones):
+        want = np.linalg.norm(M, 2, axis=(-2, -1))
+        np.testing.assert_allclose(spectral_norm(jnp.asarray(M)), want, rtol=1e-13)
+        np.testing.assert_allclose(spectral_norm(jnp.asarray(M, jnp.float32)), want, rtol=2e-6)
+    lapack = "lapack" in jax.jit(spectral_norm).lower(jnp.asarray(A, jnp.float32)).as_text()
+    assert lapack == (min(shape[-2:]) > 16)
+    B = jnp.asarray(rng.standard_normal(shape[-2:]))
+    np.testing.assert_allclose(jax.grad(spectral_norm)(B), jax.grad(lambda b: jnp.linalg.norm(b, 2))(B), atol=1e-10)
+
+
 def test_spectral_ratio_rejects_bad_rho(key):
     with pytest.raises(ValueError, match="rho"):
         mf.with_spectral_ratio(mf.Model.random(key, 3), 0.0)

@@ -142,13 +142,18 @@ GAUSSIAN = {
 }
 
 
-@pytest.mark.parametrize("raw, split", [
-    (_particles(output={"chunk_size": 4}, model=dict(PARTICLES["model"], spectral_ratio=1.0)), False),  # an SVD
-    (GAUSSIAN, True)], ids=["particles_lapack", "gaussian"])
-def test_four_devices_give_the_one_device_results(tmp_path, raw, split):
-    """Four CPU devices: a LAPACK-free chunk program (Gaussian moments, d <= 4) is split over them; one
-    that calls LAPACK (the SVD of `spectral_ratio`) runs on one device and says so (several
-    concurrent LAPACK calls hang jaxlib 0.10's CPU thread pool, `schedule._Compiled`). Same numbers."""
+@pytest.mark.parametrize("raw, why", [
+    # d = 17: the spectral norm behind spectral_ratio is an SVD (Jacobi rotations go up to 16 x 16)
+    (_particles(output={"chunk_size": 4}, model=dict(PARTICLES["model"], d=17, spectral_ratio=1.0)), "LAPACK"),
+    # 32 tokens x d = 9 = 288 numbers per lane: compiled with YNNPACK reduce fusions, kept on one device
+    (_particles(output={"chunk_size": 4}, initial={"kind": "sphere", "n": 32}, model=dict(PARTICLES["model"], d=9)),
+     "YNNPACK"),
+    (GAUSSIAN, None)], ids=["particles_lapack", "particles_ynnpack", "gaussian"])
+def test_four_devices_give_the_one_device_results(tmp_path, raw, why):
+    """Four CPU devices: a LAPACK-free chunk program (Gaussian moments) is split over them; one that
+    calls LAPACK (an SVD above 16 x 16) runs on one device and says so (several concurrent LAPACK
+    calls hang jaxlib 0.10's CPU thread pool, `schedule._Compiled`), as does one with YNNPACK reduce
+    fusions (measured slower when split). Same numbers."""
     f = _write(tmp_path, raw)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                MEANFIELD_CACHE_DIR=str(tmp_path / "cache"))
@@ -156,8 +161,9 @@ def test_four_devices_give_the_one_device_results(tmp_path, raw, split):
         res = subprocess.run([sys.executable, "-m", "meanfield", "run", str(f), "--out", str(tmp_path / out), "--quiet"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
-        assert ("runs on one CPU device" in res.stderr) == (not split), res.stderr
-    assert any((tmp_path / "cache").rglob("*.one-device")) == (not split)
+        assert ("runs on one CPU device" in res.stderr) == (why is not None), res.stderr
+        assert why is None or why in res.stderr, res.stderr
+    assert any((tmp_path / "cache").rglob("*.one-device")) == (why == "LAPACK")
     sharded = mf.load_run(tmp_path / "sharded")
     assert len(sharded.attrs["devices"].split(", ")) == 4
     single = run_experiment(config_from_dict(raw), out=tmp_path / "single", quiet=True).dataset

@@ -17,9 +17,21 @@ from __future__ import annotations
 import equinox as eqx
 import jax.numpy as jnp
 
+from .._symeig import ROLLED_MAX_N, eigvalsh
 
-def _spectral_norm(A):
-    return jnp.linalg.norm(A, ord=2, axis=(-2, -1))
+
+def spectral_norm(A):
+    r"""$\lVert A\rVert_2 = \sqrt{\lambda_\max(A^\top A)}$ over the last two axes. Up to
+    `ROLLED_MAX_N` on the smaller side from the Gram matrix's Jacobi eigenvalues (`meanfield._symeig`:
+    no LAPACK call, so sweeps of the spectral ratio split over several CPU devices; the largest
+    eigenvalue carries a relative error of a few eps, so the norm agrees with the SVD's to rounding);
+    larger matrices by `jnp.linalg.norm(A, 2)` (an SVD)."""
+    r, c = A.shape[-2:]
+    if min(r, c) > ROLLED_MAX_N:
+        return jnp.linalg.norm(A, ord=2, axis=(-2, -1))
+    At = jnp.swapaxes(A, -1, -2)
+    G = At @ A if c <= r else A @ At
+    return jnp.sqrt(jnp.maximum(eigvalsh(G)[..., -1], 0))
 
 
 def mlp_effective_matrix(model):
@@ -35,8 +47,8 @@ def spectral_ratio(model):
     """rho = ||a_mlp W_eff||_2 / ||a_attn V||_2 (one value per layer for a piecewise model)."""
     if model.attention == "none":
         raise ValueError("spectral ratio: the model has no attention (attention='none'); rho is undefined.")
-    num = jnp.abs(model.a_mlp) * _spectral_norm(mlp_effective_matrix(model))
-    den = jnp.abs(model.a_attn) * _spectral_norm(model.V)
+    num = jnp.abs(model.a_mlp) * spectral_norm(mlp_effective_matrix(model))
+    den = jnp.abs(model.a_attn) * spectral_norm(model.V)
     return num / den
 
 

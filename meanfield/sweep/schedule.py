@@ -160,7 +160,13 @@ class _Compiled:
     the run hangs at 0% CPU (`gdb` on a 2-device particle sweep: both pool threads in
     `lapack_sgesdd_ffi` -> `ParallelBatchMap` -> `BlockingCounter::Wait`). Such a group runs on the
     first device; the choice is remembered next to the stored programs (`.one-device`), so a later
-    launch loads it untraced."""
+    launch loads it untraced. (Symmetric eigenvalues up to 16 x 16 and the spectral norms behind
+    `spectral_ratio` use Jacobi rotations, `meanfield._symeig`, so most groups call no LAPACK.)
+
+    A group compiled with YNNPACK reduce fusions (`_options`: token states above 256 numbers) also
+    runs on the first device: those kernels already keep XLA's thread pool busy, and 256 particle
+    points (n = 64, d = 8, max_steps 5,000) took 89.8 / 110.4 s split over 2 CPU devices against
+    82.2 / 75.7 s on one (alternating processes, benchmarks/README.md)."""
 
     def __init__(self, plan: Plan, tokens: dict, attention: dict, mesh, quiet: bool, devices):
         self.plan, self.tokens, self.attention, self.mesh, self.quiet = plan, tokens, attention, mesh, quiet
@@ -202,25 +208,28 @@ class _Compiled:
             return compile_traced(lambda: fn.lower(values), parts, self.devices, options=options)
         base = store_dir(every_process=True)
         marker = None if base is None else traced_entry(base, parts, self.devices, ".one-device")
-        if marker is None or not marker.exists():
+        if options:  # YNNPACK reduce fusions (large token states): faster on one device, measured
+            why = "its YNNPACK kernels share XLA's thread pool, and a split over devices measured slower"
+        else:
+            why = "its program calls LAPACK, which hangs when run on several CPU devices at once"
+            if marker is None or not marker.exists():
 
-            def lower():
-                lowered = fn.lower(values)
-                if calls_lapack(lowered):
-                    raise _CallsLapack
-                return lowered
+                def lower():
+                    lowered = fn.lower(values)
+                    if calls_lapack(lowered):
+                        raise _CallsLapack
+                    return lowered
 
-            try:
-                return compile_traced(lower, parts, self.devices, options=options)
-            except _CallsLapack:
-                if marker is not None:
-                    try:
-                        marker.parent.mkdir(parents=True, exist_ok=True)
-                        marker.touch()
-                    except OSError:
-                        pass
-        log(f"[{self.plan.config.name}] group {gi} runs on one CPU device: its program calls LAPACK, which "
-            "hangs when run on several CPU devices at once", self.quiet)
+                try:
+                    return compile_traced(lower, parts, self.devices, options=options)
+                except _CallsLapack:
+                    if marker is not None:
+                        try:
+                            marker.parent.mkdir(parents=True, exist_ok=True)
+                            marker.touch()
+                        except OSError:
+                            pass
+        log(f"[{self.plan.config.name}] group {gi} runs on one CPU device: {why}", self.quiet)
         device = self.devices[0]
         on_one = jax.device_put(values, device)
         exe, entry = compile_traced(lambda: single.lower(on_one), self._traced_from(gi, on_one, None), [device],
