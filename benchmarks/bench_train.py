@@ -30,9 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from meanfield._xla_flags import unset_cpu_defaults
 from meanfield.cli import _cpu_devices
 
-_cpu_devices()  # one CPU device per core, as `meanfield train` (before JAX starts its CPU client)
+unset_cpu_defaults()  # YNNPACK fusions on, as `meanfield train` (before JAX starts its CPU client)
+_cpu_devices()  # one CPU device per core, as `meanfield train`
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -15,7 +15,8 @@ Larger states gain from YNNPACK: a 64-token, d = 8 particle field (softmax + GEL
 runs at 16-17.5 us per lane-evaluation with its reduce fusions against 22-23.5 us without. So
 `program_options` gives the sweep's compile of such groups their reduce fusions back (lane states
 above `YNN_REDUCE_LANE_STATE` numbers). A library call (`mf.simulate_particles`) of such a state runs
-without them unless MEANFIELD_XLA_DEFAULTS=0.
+without them unless MEANFIELD_XLA_DEFAULTS=0. `meanfield train` takes the flag back before JAX starts
+(`unset_cpu_defaults`: a training step's wide products run faster with YNNPACK).
 
 Only the reduce type matters here (measured per type: REDUCE alone is as slow as jaxlib's default;
 DOT alone is as fast as none). The flag only changes which code XLA emits for a fusion, not what it
@@ -72,12 +73,37 @@ def _jaxlib_release() -> tuple[int, int] | None:
         return None
 
 
+_appended = False
+"""Whether `set_cpu_defaults` appended `YNN_FLAG` in this process."""
+
+
 def set_cpu_defaults() -> bool:
     """Append `YNN_FLAG` to XLA_FLAGS when the rules above allow it; True when it did."""
+    global _appended
     if os.environ.get(OFF_ENV, "1").strip() == "0":
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags or _jaxlib_release() not in KNOWN_JAXLIB:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}".strip()
+    _appended = True
+    return True
+
+
+def unset_cpu_defaults() -> bool:
+    """Take back what `set_cpu_defaults` appended (a user's own flag stays); True when it did.
+
+    For training (`meanfield train`): its steps are products of 128-512 wide matrices, which
+    YNNPACK's fusions run faster. `bench_train --quick` (d_model 128, 2 CPU devices, one process
+    each): 370 ms per step with `YNN_FLAG` against 256 ms without (18% / 21% of the matmul floor,
+    whose own product also slows with the flag: 164.8 against 195.6 GFLOP/s). Like the flag itself,
+    it takes effect only before JAX creates its CPU client."""
+    global _appended
+    if not _appended:
+        return False
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if YNN_FLAG in flags:
+        flags.remove(YNN_FLAG)
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    _appended = False
     return True

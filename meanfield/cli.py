@@ -348,6 +348,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "train":  # training is large matmuls: it needs the threaded pool (and never wedged)
         _avoid_eigen_pool_wedge()
+    else:  # and YNNPACK's fusions (meanfield._xla_flags.unset_cpu_defaults)
+        from ._xla_flags import unset_cpu_defaults
+
+        unset_cpu_defaults()
     if args.command in ("run", "train"):
         _cpu_devices()
     import matplotlib

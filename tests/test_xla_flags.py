@@ -39,6 +39,17 @@ def test_the_flag_is_left_out(flags, case):
     assert os.environ["XLA_FLAGS"] == before
 
 
+def test_training_takes_the_flag_back(flags):
+    """`meanfield train` removes the flag that `import meanfield` appended (a training step's wide
+    products run faster with YNNPACK), and leaves a user's own flag and every other flag alone."""
+    flags.setattr(_xla_flags, "_appended", False)
+    assert not _xla_flags.unset_cpu_defaults()  # nothing appended here: nothing to take back
+    assert _xla_flags.set_cpu_defaults()
+    assert _xla_flags.unset_cpu_defaults()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+    assert not _xla_flags.unset_cpu_defaults()
+
+
 def test_a_fresh_process_starts_jax_with_it():
     """In a fresh process the flag reaches XLA: JAX starts (an unknown flag would abort it) and compiles
     a reduce without a YNNPACK fusion."""

@@ -98,7 +98,7 @@ def covariance_factor(S: Cov, rank_rtol: float | None = None) -> jax.Array:
     rank-r covariance gets exactly d - r zero columns. S must be a covariance up to rounding
     (`simulate_gaussian` refuses anything else before it gets here): the symmetrisation and the
     clipping only absorb round-off, they do not repair an asymmetric or indefinite matrix. (Jacobi
-    rotations up to 4 x 4, `meanfield._symeig.eigh`: no LAPACK call in a sweep's program.)
+    rotations up to 16 x 16, `meanfield._symeig.eigh`: no LAPACK call in a sweep's program.)
     """
     S = 0.5 * (S + S.T)
     lam, U = eigh(S)
