@@ -14,7 +14,7 @@ never touches that pool. For a symmetric $A$ each rotation $A \leftarrow J^\top 
 plane $(p, q)$ zeroes $a_{pq}$ (Golub & Van Loan, Matrix Computations, 4th ed., Alg. 8.5.2-8.5.3,
 `sym.schur2`): $\tau = (a_{qq} - a_{pp}) / 2a_{pq}$, $t = \operatorname{sign}\tau / (|\tau| + \sqrt{1 + \tau^2})$,
 $c = 1/\sqrt{1 + t^2}$, $s = tc$. Sweeps over all pairs converge quadratically; a fixed number of
-them (`SWEEPS`, `ROLLED_SWEEPS`) reaches rounding. The eigenvalues come out with Jacobi's (small)
+them (`SWEEPS`, `rolled_sweeps`) reaches rounding. The eigenvalues come out with Jacobi's (small)
 relative error and ascending, as `eigvalsh` returns them.
 
 Two forms. Up to `JACOBI_MAX_N` every rotation is unrolled into elementwise code on the matrix
