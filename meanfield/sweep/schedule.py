@@ -206,12 +206,12 @@ class _Compiled:
         options = self._options(gi)
         if self.mesh is None or self.devices[0].platform != "cpu":
             return compile_traced(lambda: fn.lower(values), parts, self.devices, options=options)
-        base = store_dir(every_process=True)
-        marker = None if base is None else traced_entry(base, parts, self.devices, ".one-device")
         if options:  # YNNPACK reduce fusions (large token states): faster on one device, measured
             why = "its YNNPACK kernels share XLA's thread pool, and a split over devices measured slower"
         else:
             why = "its program calls LAPACK, which hangs when run on several CPU devices at once"
+            base = store_dir(every_process=True)
+            marker = None if base is None else traced_entry(base, parts, self.devices, ".one-device")
             if marker is None or not marker.exists():
 
                 def lower():
