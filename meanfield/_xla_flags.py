@@ -12,7 +12,8 @@ of the chunk's time. Measured in one process (benchmarks/README.md, bench_ensemb
 - the consensus field (n = 32, d = 3): 6.6 -> 2.9 us per system-evaluation.
 
 Larger states gain from YNNPACK: a 64-token, d = 8 particle field (softmax + GELU, 256 lanes)
-runs at 16-17.5 us per lane-evaluation with its reduce fusions against 22-23.5 us without. So
+runs at 5.2-5.8 us per lane-evaluation with its reduce fusions against 11.6-12.2 us without
+(session 30; 16-17.5 against 22-23.5 before the field's rewrite). So
 `program_options` gives the sweep's compile of such groups their reduce fusions back (lane states
 above `YNN_REDUCE_LANE_STATE` numbers). A library call (`mf.simulate_particles`) of such a state runs
 without them unless MEANFIELD_XLA_DEFAULTS=0. `meanfield train` takes the flag back before JAX starts

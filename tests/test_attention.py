@@ -46,6 +46,15 @@ def test_dense_matches_formula(key, attention, causal):
     np.testing.assert_allclose(mf.dense_attention(model, X), _numpy_attention(model, X, attention, causal), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("qk_dim", [2, 5])
+def test_dense_matches_formula_for_any_key_width(key, qk_dim):
+    """Keys narrower than d take the two projections, wider ones the d x d product beta Q^T K."""
+    k1, k2 = jax.random.split(key)
+    model = mf.Model.random(k1, 3, qk_dim=qk_dim, beta=1.5)
+    X = jax.random.normal(k2, (17, 3))
+    np.testing.assert_allclose(mf.dense_attention(model, X), _numpy_attention(model, X, "softmax", False), rtol=1e-4, atol=1e-5)
+
+
 def test_zero_temperature_limits(key):
     """beta = 0: softmax is the mean of V x, causal softmax the prefix mean, shaped is V x_i."""
     X = jax.random.normal(key, (9, 3))

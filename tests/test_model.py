@@ -60,6 +60,18 @@ def test_float64_model(x64):
     assert m.V.dtype == jnp.float64 and m.dtype == jnp.float64
 
 
+def test_gelu_mlp_is_x_times_the_normal_cdf(key):
+    """The exact GELU, W2 (h Phi(h)) with h = W1 x and Phi the standard normal CDF, in float64 by math.erf."""
+    import math
+
+    model = mf.Model.random(key, 3, mlp="two_layer", activation="gelu")
+    X = 3.0 * jax.random.normal(jax.random.key(1), (17, 3))
+    h = np.asarray(X, np.float64) @ np.asarray(model.W1, np.float64).T
+    phi = 0.5 * (1.0 + np.vectorize(math.erf)(h / math.sqrt(2.0)))
+    expected = (h * phi) @ np.asarray(model.W2, np.float64).T
+    np.testing.assert_allclose(mf.mlp(model, X), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mlp", ["affine", "two_layer"])
 def test_spectral_ratio_setter_is_exact(key, mlp):
     model = mf.Model.random(key, 5, mlp=mlp, a_attn=0.7, a_mlp=-1.3)

@@ -48,22 +48,39 @@ def _project(model, X):
     return q, k, v
 
 
+def _logits(model, X):
+    r"""(n, n): $\ell_{ij} = \beta\langle Q x_i, K x_j\rangle$, as $X (\beta Q^\top K) X^\top$ when the key width is
+    at least d (one d x d product instead of two projections), else $(\beta X Q^\top)(X K^\top)^\top$."""
+    if model.Q.shape[0] >= model.Q.shape[1]:
+        A = model.beta * matmul(model.Q.T, model.K)
+        return matmul(matmul(X, A), X.T)
+    q = matmul(X, model.Q.T) * model.beta
+    return matmul(q, matmul(X, model.K.T).T)
+
+
 def dense_attention(model, X: Tokens) -> Tokens:
     r"""Returns (n, d): the attention output of every token with the (n, n) logit matrix materialised,
-    e.g. softmax $\sum_j \mathrm{softmax}_j(\beta\langle Q x_i, K x_j\rangle) V x_j$ (variants as in `attention`)."""
+    e.g. softmax $\sum_j \mathrm{softmax}_j(\beta\langle Q x_i, K x_j\rangle) V x_j$ (variants as in `attention`).
+
+    Evaluated as $(\sum_j e^{\ell_{ij} - m_i} x_j)\, V^\top / \sum_j e^{\ell_{ij} - m_i}$ with the row maximum
+    $m_i$: the values are projected after the sum and divided once per row, not once per weight.
+    (A 64-token, d = 8 softmax field in a 256-lane batch: 3.1-3.3 -> 2.6 us per lane; benchmarks/README.md.)
+    """
     n = X.shape[0]
-    q, k, v = _project(model, X)
-    logits = matmul(q, k.T)
+    logits = _logits(model, X)
     if model.causal:
         mask = jnp.tril(jnp.ones((n, n), dtype=bool))
         logits = jnp.where(mask, logits, -jnp.inf)
+    # Every row holds a finite logit (its own token), so the shifted exponentials are finite.
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - row_max)
+    summed = matmul(e, X)
     if model.attention == "unnormalised":
-        # (1/n) sum_j e^{l_ij} v_j, computed as e^{m_i} sum_j e^{l_ij - m_i} v_j / n for range.
-        row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-        return jnp.exp(row_max) * matmul(jnp.exp(logits - row_max), v) / n
-    weights = jax.nn.softmax(logits, axis=-1)
-    out = matmul(weights, v)
+        # (1/n) sum_j e^{l_ij} v_j = e^{m_i} sum_j e^{l_ij - m_i} v_j / n, computed so for range.
+        return jnp.exp(row_max) * matmul(summed, model.V.T) / n
+    out = matmul(summed / jnp.sum(e, axis=-1, keepdims=True), model.V.T)
     if model.attention == "shaped":
+        v = matmul(X, model.V.T)
         out = out + v - _centring(v, model.causal)
     return out
 
