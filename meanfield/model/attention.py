@@ -64,7 +64,7 @@ def dense_attention(model, X: Tokens) -> Tokens:
 
     Evaluated as $(\sum_j e^{\ell_{ij} - m_i} x_j)\, V^\top / \sum_j e^{\ell_{ij} - m_i}$ with the row maximum
     $m_i$: the values are projected after the sum and divided once per row, not once per weight.
-    (A 64-token, d = 8 softmax field in a 256-lane batch: 3.1-3.3 -> 2.6 us per lane; benchmarks/README.md.)
+    (A 64-token, d = 8 softmax field in a 256-lane batch: 3.1-3.3 -> 2.6-2.9 us per lane; benchmarks/README.md.)
     """
     n = X.shape[0]
     logits = _logits(model, X)
@@ -78,11 +78,10 @@ def dense_attention(model, X: Tokens) -> Tokens:
     if model.attention == "unnormalised":
         # (1/n) sum_j e^{l_ij} v_j = e^{m_i} sum_j e^{l_ij - m_i} v_j / n, computed so for range.
         return jnp.exp(row_max) * matmul(summed, model.V.T) / n
-    out = matmul(summed / jnp.sum(e, axis=-1, keepdims=True), model.V.T)
-    if model.attention == "shaped":
-        v = matmul(X, model.V.T)
-        out = out + v - _centring(v, model.causal)
-    return out
+    mixed = summed / jnp.sum(e, axis=-1, keepdims=True)
+    if model.attention == "shaped":  # (softmax + I - C) X V^T: C is linear, so one projection serves all three
+        mixed = mixed + X - _centring(X, model.causal)
+    return matmul(mixed, model.V.T)
 
 
 def _centring(v, causal: bool):
