@@ -8,8 +8,9 @@ then calls one of two solvers that return the same `Trajectory`:
 - `solve_ensemble`: B trajectories on a fixed pool of L lanes. Each lane holds its own t, dt,
   state, solver (FSAL) state, PID controller state, save cursor and point index. One loop
   iteration makes one attempted step of the same Runge-Kutta tableau in every lane, with one
-  batched field evaluation per stage (diffrax's `solver.step` and `adapt_step_size`, vmapped
-  over lanes); accept/reject and the next step size are per lane. A lane writes a save row only
+  batched field evaluation per stage (the solver's `step` and diffrax's `adapt_step_size`, vmapped
+  over lanes; the named solvers are diffrax's tableaus with their stages unrolled,
+  `solvers.UnrolledStages`); accept/reject and the next step size are per lane. A lane writes a save row only
   when its step crosses a save time (diffrax's dense interpolant, as `diffeqsolve` does), into
   its point's slot. A finished lane (t1 reached, event, max_steps, controller failure) writes
   its end state and is refilled from the queue of pending points, so the loop costs about
