@@ -23,7 +23,7 @@ Workloads 2 and 3 run as `meanfield run` does, on one CPU device per core (`--on
 a group whose program calls LAPACK stays on one device (`meanfield.sweep.schedule`). The loops and
 the batched library calls of workload 1 use one device.
 
-    python benchmarks/bench_ensemble.py [--quick] [--json PATH] [--skip 2,3,4] [--one-device]
+    python benchmarks/bench_ensemble.py [--quick] [--json PATH] [--skip 2,3,4] [--one-device] [--no-old-engine]
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points
     # The loop's best of `loop_rounds` (the machine's load moves a short loop by +-30%; the best round
     # is the loop's own speed and counts against the engine).
     loop_rate = max(len(loop_points) / timed(lambda: loop_fn(loop_points)) for _ in range(loop_rounds))
-    old_rate = old_engine_rate(raw, old_points)
+    old_rate = old_engine_rate(raw, old_points) if old_points else float("nan")
     rate = n_points / engine_s
     out = {"workload": label, "points": n_points, "engine_s": engine_s, "engine_points_per_s": rate,
            "loop_points_per_s": loop_rate, "loop_points_timed": len(loop_points), "old_engine_points_per_s": old_rate,
@@ -239,9 +239,12 @@ def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points
     print(f"   engine (ensemble)    {engine_s:9.2f} s   {rate:10.1f} points/s  (on {n_dev} CPU device{'s' * (n_dev > 1)})")
     print(f"   loop of library calls               {loop_rate:10.1f} points/s (best of {loop_rounds} round(s) of {len(loop_points)} "
           "points, extrapolated)")
-    print(f"   old engine jit(vmap), chunks of 256 {old_rate:10.1f} points/s (timed on {old_points} points, compile excluded)")
+    if old_points:
+        print(f"   old engine jit(vmap), chunks of 256 {old_rate:10.1f} points/s (timed on {old_points} points, compile excluded)")
+    else:
+        print("   old engine jit(vmap): not timed (--no-old-engine)")
     print(f"   target >= {target:g}x the loop: {rate / loop_rate:.1f}x  {verdict(rate / loop_rate >= target)}  "
-          f"(vs old engine: {rate / old_rate:.1f}x)")
+          + (f"(vs old engine: {rate / old_rate:.1f}x)" if old_points else ""))
     if floor is not None:
         field_s = floor["floor_us_per_point"] * 1e-6 * n_points
         budget = n_points / (target * loop_rate)
@@ -288,6 +291,8 @@ def main() -> None:
     ap.add_argument("--one-device", action="store_true", help="run the sweeps on one CPU device (not one per core)")
     ap.add_argument("--particle-max-steps", type=int, default=None,
                     help="workload 3's step budget per point (default 16,384, the sweep default; 5,000 with --quick)")
+    ap.add_argument("--no-old-engine", action="store_true",
+                    help="do not time the old engine (jit(vmap) in chunks of 256; minutes for workload 3)")
     args = ap.parse_args()
     skip = {int(s) for s in args.skip.split(",") if s}
     rng = np.random.default_rng(0)
@@ -301,7 +306,7 @@ def main() -> None:
         pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, g_loop), rng.integers(0, n_seed, g_loop))]
         floor_pts = [(float(b), int(s)) for b, s in zip(rng.uniform(0.1, 2.0, 1024), rng.integers(0, n_seed, 1024))]
         rows.append(sweep("2. Gaussian d=4", gaussian_config(n_beta, n_seed), n_beta * n_seed, loop_gaussian, pts,
-                          g_old, 30.0, floor=gaussian_floor(floor_pts), loop_rounds=3))
+                          0 if args.no_old_engine else g_old, 30.0, floor=gaussian_floor(floor_pts), loop_rounds=3))
     if 3 not in skip:
         n_rho, n_seed, p_loop, p_old = (16, 16, 32, 256) if args.quick else (32, 32, 64, 512)
         pts = [(float(r), int(s)) for r, s in zip(np.exp(rng.uniform(np.log(0.05), np.log(20), p_loop)),
@@ -310,7 +315,8 @@ def main() -> None:
         budget = args.particle_max_steps or PARTICLE_MAX_STEPS["quick" if args.quick else "full"]
         raw["simulator"]["max_steps"] = budget
         rows.append(sweep(f"3. particles n=64 d=8 (max_steps {budget})", raw, n_rho * n_seed,
-                          functools.partial(loop_particles, max_steps=budget), pts, p_old, 2.0))
+                          functools.partial(loop_particles, max_steps=budget), pts,
+                          0 if args.no_old_engine else p_old, 2.0))
     if 4 not in skip:
         rows.append(quickstart_twice())
     print(f"\nload average at the end {os.getloadavg()}")
