@@ -49,12 +49,14 @@ class UnrolledStages:
     step to float rounding (the sums run over the nonzero coefficients in order).
 
     Why: diffrax's stage loop writes each $k_i$ into a buffer and reads row $i$ of the tableau from an
-    array at every stage; with the stages unrolled that bookkeeping goes (256 consensus systems in one
-    batch: 0.65 -> 0.48 ms per system). Each stage's field evaluation sits inside a `lax.cond` whose two
-    branches are that same evaluation: the boundary makes XLA compute the stage input once, where it
-    would otherwise fuse the stage sum into the field's kernels and recompute it for every reuse of a
-    token (a 16-token batch twice as slow, the 64-token YNNPACK field 1.6x; measured in
-    benchmarks/README.md). On CPU `lax.optimization_barrier` does not survive compilation, a cond does.
+    array at every stage; written out, that bookkeeping goes (256 consensus systems in one batch:
+    0.53 -> 0.38 ms per system; the 1,024-point particle sweep 150 -> 133 s; benchmarks/README.md).
+    Each stage's field evaluation sits inside a `lax.cond` whose two branches are that same
+    evaluation: the boundary makes XLA compute the stage input once, where it would otherwise fuse the
+    stage sum into the field's kernels and recompute it for every reuse of a token (measured: a
+    16-token batch twice as slow, the 64-token YNNPACK field kernel 1.6x). On CPU
+    `lax.optimization_barrier` does not survive compilation; a cond does. The cost: the field is
+    compiled once per stage (a first compile ~1 s longer).
 
     Falls back to diffrax's own step for terms whose field is marked expensive, implicit tableaus and
     tableau tuples (SRK / IMEX), which meanfield's named solvers never use."""
