@@ -207,14 +207,18 @@ def test_tail_pool_shrinks_and_every_point_is_written(x64):
 
 
 def test_tail_pools_shrink_small_states_faster():
-    """Pool sizes: small lane states (a d = 4 Gaussian: 4 + 16 numbers) cut 4-fold, particle states
-    about halve (a stop at 3/4 of each power of two from 256 up); pools under 128 lanes are never cut;
-    every chain ends at TAIL_MIN_LANES."""
+    """Pool sizes: small lane states (a d = 4 Gaussian: 4 + 16 numbers) cut 4-fold; mid-size states
+    (compiled without YNNPACK) about halve, with a stop at 3/4 of each power of two from 256 up; large
+    states (YNNPACK kernels, 64-token d = 8 particles: 512 numbers) halve; pools under 128 lanes are
+    never cut; every chain ends at TAIL_MIN_LANES."""
+    from meanfield._xla_flags import YNN_REDUCE_LANE_STATE
     from meanfield.simulate.core import SMALL_LANE_STATE, TAIL_MIN_LANES, tail_pools
 
     assert tail_pools(256, 20) == [256, 64, 16]
     assert tail_pools(256, SMALL_LANE_STATE + 1) == [256, 192, 128, 64, 32, 16]
-    assert tail_pools(512, 512) == [512, 384, 256, 192, 128, 64, 32, 16]
+    assert tail_pools(512, YNN_REDUCE_LANE_STATE) == [512, 384, 256, 192, 128, 64, 32, 16]
+    assert tail_pools(256, YNN_REDUCE_LANE_STATE + 1) == [256, 128, 64, 32, 16]
+    assert tail_pools(512, 512) == [512, 256, 128, 64, 32, 16]
     assert tail_pools(200, 512) == [200, 128, 64, 32, 16] and tail_pools(128, 512) == [128, 64, 32, 16]
     assert tail_pools(128, 2) == [128, 32, 16]
     assert tail_pools(512, 20) == [512, 128, 32, 16]

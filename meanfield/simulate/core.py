@@ -32,6 +32,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._xla_flags import YNN_REDUCE_LANE_STATE
+
 
 class Trajectory(eqx.Module):
     """What a solve returns, per trajectory (a leading batch axis B from `solve_ensemble`).
@@ -129,21 +131,23 @@ def tail_pools(lanes: int, lane_size: int) -> list[int]:
     small lanes costs about its fixed per-operation overhead, so a pool up to 4x the active lanes
     costs little run time, and two fewer loops save compile time (10^5 Gaussian points, d = 4, two
     CPU devices: compile 14-18 s of CPU instead of 24-27 s, run time the same within noise,
-    256 -> 64 -> 16). Large states (particles) go to the power of two below, with a stop at three
-    quarters of every power of two from 256 up (256 -> 192 -> 128 -> 64 -> 32 -> 16): their
-    iteration costs about the pool's size, active lanes or not, and the points that spend their
-    whole step budget stay together in the pool (a 1,024-point particle sweep, n = 64, d = 8: 169 of
-    them held a 256-lane pool a third idle; the 192-lane stop took the chunk from 206-207 s to
-    193-195 s, alternating processes). The stops in between are the ones measured to pay: a 64-token
-    d = 8 pool with YNNPACK reduce fusions costs 58-78 us per lane and attempt at 64-256 lanes, but
-    147-151 us at 32 and 48 (an iteration of 32 lanes costs as much as one of 64)."""
+    256 -> 64 -> 16). Larger states go to the power of two below; those the sweep compiles without
+    YNNPACK (at most `YNN_REDUCE_LANE_STATE` numbers, `meanfield._xla_flags.program_options`) stop at
+    three quarters of every power of two from 256 up (256 -> 192 -> 128 -> ...): their iteration
+    costs about the pool's size, active lanes or not (64-token d = 8 lanes without YNNPACK: 25.1 /
+    20.4 / 14.6 ms per iteration at 256 / 192 / 128 lanes). With YNNPACK's kernels an iteration
+    costs by powers of two (the same lanes: 14.2 / 13.6 / 7.6 / 7.2 / 6.3 / 4.0 / 2.1 ms at
+    256 / 192 / 128 / 96 / 64 / 32 / 16 lanes, session 31), so those states halve: dropping the
+    192-lane stop took the 1,024-point particle chunk (n = 64, d = 8) from 162.0 / 165.4 s to
+    146.9 / 153.0 s (alternating processes; session 29 had measured the stop paying with the
+    slower field of then)."""
     sizes = [int(lanes)]
     if lanes >= 128:
         while sizes[-1] > TAIL_MIN_LANES:
             cur = sizes[-1]
             if lane_size <= SMALL_LANE_STATE:
                 nxt = cur // 4
-            elif cur >= 256 and cur & (cur - 1) == 0:
+            elif cur >= 256 and cur & (cur - 1) == 0 and lane_size <= YNN_REDUCE_LANE_STATE:
                 nxt = 3 * cur // 4
             else:
                 nxt = 1 << ((cur - 1).bit_length() - 1)  # the power of two below
@@ -330,8 +334,8 @@ def solve_ensemble(field: Callable, y0, args, *, t0, t1, ts, solver, controller,
         return lane, out, queue
 
     # The tail: once the queue is empty, the last points run on a pool cut each time the active lanes
-    # fit in the next size (`tail_pools`: 256 -> 192 -> 128 -> 64 -> 32 -> 16 for particles,
-    # 256 -> 64 -> 16 for small states). Per-point costs are heavy-tailed (stiff points take 10-30x the median
+    # fit in the next size (`tail_pools`: 256 -> 128 -> 64 -> 32 -> 16 for 64-token particles, with a
+    # 192 stop for mid-size states, 256 -> 64 -> 16 for small states). Per-point costs are heavy-tailed (stiff points take 10-30x the median
     # steps): when the queue empties, many lanes still hold slow points for hundreds of iterations.
     # Halving (instead of one 8-fold cut at <= 32 active lanes) took a 512-point particle chunk
     # from 9.8 s to 5.8 s, a 1,024-point one from 14.7 s to 10.2 s (n = 32, one core) and an 8,192-point

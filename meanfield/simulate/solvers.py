@@ -22,20 +22,20 @@ import numpy as np
 
 from .checks import check_finite, concrete, concrete_scalar
 
+
 def _stage_sum(y0, coeffs, ks):
-    """y0 + sum_j coeffs[j] k_j, leaf by leaf, over the nonzero coefficients (y0 None: no y0 term;
-    no term at all: zeros like k_0)."""
+    """y0 + sum_j coeffs[j] k_j, leaf by leaf, over the nonzero coefficients in order (y0 None: the
+    sum alone; no nonzero coefficient: y0, or zeros like k_1)."""
     terms = [(float(a), k) for a, k in zip(coeffs, ks) if a != 0]
-
-    def leaf(*leaves):
-        y, kl = (leaves[0], leaves[1:]) if y0 is not None else (None, leaves)
-        out = y
-        for (a, _), k in zip(terms, kl):
-            out = a * k if out is None else out + a * k
-        return jnp.zeros_like(leaves[-1]) if out is None else out
-
     if not terms:
         return y0 if y0 is not None else jax.tree.map(jnp.zeros_like, ks[0])
+
+    def leaf(*leaves):
+        out = None if y0 is None else leaves[0]
+        for (a, _), k in zip(terms, leaves[y0 is not None:]):
+            out = a * k if out is None else out + a * k
+        return out
+
     return jax.tree.map(leaf, *([] if y0 is None else [y0]), *[k for _, k in terms])
 
 
