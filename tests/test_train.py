@@ -223,6 +223,35 @@ def test_checkpoint_loads_back_as_the_trained_blocks(tmp_path, over):
     np.testing.assert_array_equal(np.asarray(loaded(X)), np.asarray(model.decoder(X)))
 
 
+def test_training_gradient_equals_the_plain_one_and_keeps_its_fusion_boundaries():
+    """`cross_entropy`'s gradient (one-hot target, residual cotangents behind `materialized_cotangent`)
+    equals the gradient of the textbook loss (gathered target, blocks without marks), and on CPU
+    the compiled gradient keeps one conditional per mark (2 per block): XLA did not simplify them away."""
+    from meanfield.train.lm import cross_entropy
+
+    cfg = tiny()
+    model = LanguageModel(cfg.model, cfg.data.seq_len, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    window = jax.random.randint(jax.random.key(4), (4, cfg.data.seq_len + 1), 0, 256)
+
+    def plain(st):
+        m = nnx.merge(graphdef, st)
+        x = m.embed_tokens(window[:, :-1])
+        for block in m.decoder.blocks:
+            x = block(x)
+        logp = jax.nn.log_softmax(m.logits(x), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, window[:, 1:, None], axis=-1))
+
+    marked = jax.jit(jax.value_and_grad(lambda st: cross_entropy(nnx.merge(graphdef, st), window)))
+    (l1, g1), (l0, g0) = marked(state), jax.value_and_grad(plain)(state)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    if jax.default_backend() == "cpu":
+        hlo = marked.lower(state).compile().as_text()
+        assert hlo.count(" conditional(") == 2 * cfg.model.n_layers
+
+
 def test_rotary_positions_rotate_pairs_by_position():
     from meanfield.nets.decoder import rotary
 

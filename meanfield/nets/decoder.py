@@ -166,14 +166,18 @@ class Block(nnx.Module):
     def _branch(self, norm, y):
         return y if norm is None else norm(y)
 
-    def __call__(self, x):
+    def __call__(self, x, mark=None):
+        """x (..., n, d) -> the block's output. `mark`, if given, is applied to the residual stream
+        between attention and the MLP (h above); it must be the identity on values (training passes
+        `meanfield.train.lm.materialized_cotangent`)."""
         cfg = self.cfg
+        mark = mark or (lambda y: y)
         if cfg.post_ln:
-            h = self.ln1(x + self.attention(x))
+            h = mark(self.ln1(x + self.attention(x)))
             return self.ln2(h + self.mlp(h))
         if cfg.parallel_residual:
             return x + self.attention(self.ln1(x)) + self.mlp(self.ln2(x))
-        h = x + self._branch(self.post_attn_norm, self.attention(self.ln1(x)))
+        h = mark(x + self._branch(self.post_attn_norm, self.attention(self.ln1(x))))
         return h + self._branch(self.post_mlp_norm, self.mlp(self.ln2(h)))
 
 

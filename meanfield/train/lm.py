@@ -64,17 +64,48 @@ class LanguageModel(nnx.Module):
         return self.unembed(x)
 
     def __call__(self, tokens):
+        """(..., n) bytes -> (..., n, 256) logits. On CPU the residual stream's cotangent is made a
+        materialized array before and in the middle of every block (`materialized_cotangent`)."""
+        mark = materialized_cotangent if jax.default_backend() == "cpu" else None
         x = self.embed_tokens(tokens)
         for block in self.decoder.blocks:
-            x = block(x)
+            x = block(x if mark is None else mark(x), mark)
         return self.logits(x)
 
 
+@jax.custom_vjp
+def materialized_cotangent(x):
+    """The identity, whose backward pass computes the cotangent as an array of its own.
+
+    The residual stream's gradient is a sum over all later blocks' branches. Left alone, XLA CPU
+    fuses that chain of additions (and the norms' backward terms) into each consumer, among them
+    the transposed copies the weight-gradient products read, and so recomputes it there with
+    strided writes: on the d_model 128 model (4 layers, 16 x 128 bytes, one CPU device), 53 such
+    copies took 80 ms of a 210 ms step. Here the cotangent passes through a `lax.cond`, which XLA
+    does not fuse across; its branches are `c` and `c * 1.0` (XLA removes a cond whose two branches
+    are the same computation). The step then takes ~160 ms (benchmarks/README.md, bench_train).
+    Only on CPU (`LanguageModel.__call__`): a GPU's cond waits for its predicate on the host."""
+    return x
+
+
+def _materialized_fwd(x):
+    return x, None
+
+
+def _materialized_bwd(_, g):
+    return (jax.lax.cond(jnp.isfinite(g.reshape(-1)[0]), lambda c: c, lambda c: c * 1.0, g),)
+
+
+materialized_cotangent.defvjp(_materialized_fwd, _materialized_bwd)
+
+
 def cross_entropy(model: LanguageModel, window) -> jax.Array:
-    """Mean next-byte cross-entropy (nats) of windows (B, T + 1)."""
+    """Mean next-byte cross-entropy (nats) of windows (B, T + 1), -mean_i log softmax(logits_i)[b_{i+1}]
+    (the target picked by a one-hot product: its backward is a product too, where a gather's is a scatter)."""
     logits = model(window[..., :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, window[..., 1:, None], axis=-1))
+    target = jax.nn.one_hot(window[..., 1:], logp.shape[-1], dtype=logp.dtype)
+    return -jnp.sum(logp * target) / target[..., 0].size
 
 
 def _lin(out, prefix, lin):
