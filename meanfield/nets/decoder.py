@@ -146,12 +146,14 @@ class Block(nnx.Module):
         if cfg.rope_theta is not None:
             q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
         scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / np.sqrt(hd)
-        logits = jnp.einsum("...ihd,...jhd->...hij", q, k) * scale
+        q, k, v = (jnp.swapaxes(a, -2, -3) for a in (q, k, v))  # (..., heads, n, hd): batched products
+        logits = jnp.einsum("...hid,...hjd->...hij", q, k) * scale
         if cfg.causal:
             mask = jnp.tril(jnp.ones((n, n), bool))
             logits = jnp.where(mask, logits, -jnp.inf)
         w = jax.nn.softmax(logits, axis=-1)
-        return self.o(jnp.einsum("...hij,...jhd->...ihd", w, v).reshape(*lead, n, H * hd))
+        out = jnp.swapaxes(jnp.einsum("...hij,...hjd->...hid", w, v), -2, -3)
+        return self.o(out.reshape(*lead, n, H * hd))
 
     def mlp(self, x):
         kind = self.cfg.mlp
