@@ -7,7 +7,7 @@ every layer vs step (guard off); the least centred hidden-state effective rank o
 (the tokens' spread about their mean; solid: guard off, dashed: on); validation loss vs step.
 
 The full figure reuses `runs/training_telemetry` when it holds the finished grid of the shipped file
-(`meanfield train training_telemetry`), else trains it (about 50 minutes on 2 cores; an interrupted
+(`meanfield train training_telemetry`), else trains it (23 minutes on 2 cores; an interrupted
 grid resumes). `--quick`: the same grid at d_model 32, seq_len 32, 150 steps, in a temporary directory.
 
 Key check: the guarded runs' $\rho$ stays in the band: max relative excursion outside [0.5, 2] over
