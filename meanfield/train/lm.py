@@ -82,8 +82,9 @@ def materialized_cotangent(x):
     the transposed copies the weight-gradient products read, and so recomputes it there with
     strided writes: on the d_model 128 model (4 layers, 16 x 128 bytes, one CPU device), 53 such
     copies took 80 ms of a 210 ms step. Here the cotangent passes through a `lax.cond`, which XLA
-    does not fuse across; its branches are `c` and `c * 1.0` (XLA removes a cond whose two branches
-    are the same computation). The step then takes ~160 ms (benchmarks/README.md, bench_train).
+    does not fuse across; its branches are `c` and `c * 1.0` (XLA removes a cond whose branches
+    both return their operand unchanged; one whose branches compute something, as in
+    `solvers.UnrolledStages`, stays). The step then takes ~160 ms (benchmarks/README.md, bench_train).
     Only on CPU (`LanguageModel.__call__`): a GPU's cond waits for its predicate on the host."""
     return x
 
