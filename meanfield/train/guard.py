@@ -10,7 +10,8 @@ which puts $\rho_l$ on the band's edge exactly ($\rho$ is linear in $W_\text{dow
 $W_o$ (the rule's) or $\sum_h W_o^h W_v^h$ (value-aware), the definitions of `meanfield weights`.
 It acts on the parameters a step produces: the transformation returns the update that lands on the
 rescaled parameters, so it chains after `optax.adamw`. Every `every` steps (its own step count);
-spectral norms are exact (singular values of the d x d products), computed in the parameters' dtype.
+spectral norms are exact (`meanfield.model.spectral.spectral_norm` of the d x d products: their largest
+singular value), computed in the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from ..checkpoints.matrices import grouped_value_matrix
+from ..model.spectral import spectral_norm
 
 
 class GuardState(NamedTuple):
@@ -41,10 +43,6 @@ def attention_matrix(o_kernel, v_kernel, attention: str, num_heads: int, kv_head
         return o_kernel.T
     return grouped_value_matrix(o_kernel.T, v_kernel.T, num_heads=num_heads, num_kv_heads=kv_heads,
                                 head_dim=o_kernel.shape[0] // num_heads)
-
-
-def spectral_norm(W):
-    return jnp.linalg.svd(W, compute_uv=False)[0]
 
 
 def layer_rho(blocks, attention: str, num_heads: int, kv_heads: int):
