@@ -55,10 +55,12 @@ def test_each_lane_equals_its_single_solve(x64, key):
         exact = np.stack([np.asarray(X0[i] @ expm(A * t).T) for t in np.asarray(batch.ts)[reached]])
         np.testing.assert_allclose(batch.xs[i][reached], exact, rtol=1e-6, atol=1e-8)
         steps.append((int(batch.num_steps[i]), int(single.num_steps)))
-    # The same steps (measured: identical; one step of slack for rounding at an accept/reject boundary).
+        steps.append((int(batch.num_attempts[i]), int(single.num_attempts)))
+        assert int(batch.num_attempts[i]) >= int(batch.num_steps[i])
+    # The same steps and attempts (measured: identical; one step of slack for rounding at an accept/reject boundary).
     for b, s in steps:
         assert abs(b - s) <= 1, steps
-    counts = [s for _, s in steps]
+    counts = [s for _, s in steps[::2]]
     assert max(counts) > 5 * min(counts)  # lanes of very different cost shared the pool
 
 
@@ -76,6 +78,7 @@ def test_max_steps_lanes_fail_alone(x64, key):
         if not bool(single.success):
             assert float(batch.t_end[i]) < 2.0
             assert abs(float(batch.t_end[i]) - float(single.t_end)) < 1e-6
+            assert int(batch.num_attempts[i]) == int(single.num_attempts) == 60  # the budget, spent
         reached = np.isfinite(np.asarray(single.xs[:, 0, 0]))
         np.testing.assert_allclose(batch.xs[i][reached], single.xs[reached], rtol=1e-7, atol=1e-9)
         assert not np.any(np.isfinite(np.asarray(batch.xs[i][~reached])))

@@ -62,7 +62,8 @@ class GaussianSolution(Summarised, eqx.Module):
         t_end: the depth the solve reached (t1, or the blow-up event).
         success: False if the solver failed for another reason (max_steps, step collapse) or the
             state became NaN / inf (a recorded failure, not a blow-up: `blowup_time` stays inf).
-        num_steps: accepted solver steps.
+        num_steps: accepted solver steps. num_attempts: accepted + rejected steps (what `max_steps`
+            bounds).
     """
 
     ts: jax.Array
@@ -73,6 +74,7 @@ class GaussianSolution(Summarised, eqx.Module):
     t_end: jax.Array
     success: jax.Array
     num_steps: jax.Array
+    num_attempts: jax.Array
 
     def __iter__(self):  # `ts, means, covs, blowup_time = simulate_gaussian(...)`
         return iter((self.ts, self.means, self.covs, self.blowup_time))
@@ -86,7 +88,8 @@ class GaussianSolution(Summarised, eqx.Module):
             rows.append(("batch", str(tuple(batch))))
         bt = D.num(self.blowup_time)
         rows += [("blowup_time", "none (inf)" if bt == "inf" else bt), ("t_end", D.num(self.t_end)),
-                 ("success", D.flag(self.success)), ("num_steps", D.num(self.num_steps))]
+                 ("success", D.flag(self.success)), ("num_steps", D.num(self.num_steps)),
+                 ("num_attempts", D.num(self.num_attempts))]
         return Summary("GaussianSolution", rows,
                        "dm/dt = c + M m, dS/dt = M S + S M^T; regime: mf.classify(g); prediction: mf.predict_regime")
 
@@ -260,6 +263,7 @@ def _finish(traj: Trajectory, model, ts, t0, threshold, log_limit) -> GaussianSo
     return GaussianSolution(
         ts=ts, means=means, covs=covs, valid=valid, blowup_time=blowup.astype(ts.dtype),
         t_end=t_end, success=(~failed | collapsed) & finite_end, num_steps=traj.num_steps,
+        num_attempts=traj.num_attempts,
     )
 
 

@@ -33,14 +33,15 @@ class ParticleSolution(Summarised, eqx.Module):
     Attributes:
         ts: save times, shape (T,).
         xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time. A batched
-            call adds a leading axis B to `xs`, `success`, `blown_up`, `t_end`, `num_steps`.
+            call adds a leading axis B to `xs`, `success`, `blown_up`, `t_end`, `num_steps`, `num_attempts`.
         success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit,
             step size collapsed, or the state became NaN / inf, a recorded failure and not a
             regime; saves after a failure hold inf, reached saves may hold NaN).
         blown_up: whether the token scale crossed `blowup_growth` with a finite state (the solve
             stopped there; later saves hold inf).
         t_end: the depth the solve reached.
-        num_steps: accepted solver steps.
+        num_steps: accepted solver steps. num_attempts: accepted + rejected steps (what `max_steps`
+            bounds, and what a solve costs: one field evaluation per stage of each attempt).
         solution: the raw `diffrax.Solution` (use `.evaluate(t)` when `dense=True`; None for a
             batched call).
     """
@@ -51,6 +52,7 @@ class ParticleSolution(Summarised, eqx.Module):
     blown_up: jax.Array
     t_end: jax.Array
     num_steps: jax.Array
+    num_attempts: jax.Array
     solution: diffrax.Solution
 
     def __iter__(self):  # allows `ts, xs = simulate_particles(...)`
@@ -76,7 +78,8 @@ class ParticleSolution(Summarised, eqx.Module):
             shapes = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), self.xs)
             rows = [("ts", D.span(self.ts)), ("xs", str(shapes))]
         rows += [("success", D.flag(self.success)), ("blown_up", D.flag(self.blown_up)),
-                 ("t_end", D.num(self.t_end)), ("num_steps", D.num(self.num_steps))]
+                 ("t_end", D.num(self.t_end)), ("num_steps", D.num(self.num_steps)),
+                 ("num_attempts", D.num(self.num_attempts))]
         return Summary("ParticleSolution", rows,
                        "regime: mf.classify(sol) -> index into mf.REGIMES; final tokens: sol.final")
 
@@ -245,7 +248,8 @@ def _finish(traj: Trajectory, ts, dense_solution=None) -> ParticleSolution:
     ys = jax.tree.map(lambda a: jnp.where(reached.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.inf), traj.ys)
     finite_end = jnp.all(jnp.isfinite(traj.y_end))
     return ParticleSolution(ts=ts, xs=ys, success=traj.success & finite_end, blown_up=traj.event & finite_end,
-                            t_end=traj.t_end, num_steps=traj.num_steps, solution=dense_solution)
+                            t_end=traj.t_end, num_steps=traj.num_steps, num_attempts=traj.num_attempts,
+                            solution=dense_solution)
 
 
 @eqx.filter_jit
