@@ -183,6 +183,17 @@ def test_cli_lyapunov_errors(gpt2_dir, tmp_path, capsys):
     assert "--seed: must be >= 0" in capsys.readouterr().err
     assert main(["weights", str(gpt2_dir), "--probe-tokens", "4", "--out", str(tmp_path / "o")]) == 2
     assert "only applies with --lyapunov" in capsys.readouterr().err
+    # --probe-text: only a checkpoint with a byte embedding (meanfield train's), and not with --probe
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"hello")
+    assert main(["weights", str(gpt2_dir), "--lyapunov", "--probe-text", str(text), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --probe-text") and "gpt2" in err[0] and "--probe FILE.npy" in err[0]
+    np.save(bad, np.zeros((3, 16), np.float32))
+    assert main(["weights", str(gpt2_dir), "--lyapunov", "--probe-text", str(text), "--probe", str(bad),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--probe-text" in err and "--probe," in err and "not both" in err
     # no config.json: heads unknown, so Decoder.from_checkpoint refuses
     make_llama(tmp_path / "nocfg", np.random.default_rng(2), config=False, model_type="llama", H=4, KV=4, hd=4)
     assert main(["weights", str(tmp_path / "nocfg" / "model.safetensors"), "--lyapunov", "--out", str(tmp_path / "o")]) == 2

@@ -118,6 +118,34 @@ def test_loss_decreases_and_telemetry_equals_meanfield_weights(trained, tmp_path
     xr.testing.assert_identical(disk.drop_vars(TIMING), ds.drop_vars(TIMING))
 
 
+def test_weights_probe_text_equals_the_telemetry_lyapunov(trained, tmp_path, capsys):
+    """`meanfield weights --lyapunov --probe-text` embeds the bytes with the checkpoint's own embedding and
+    learned positions: on the bytes the telemetry probed (the first lyapunov_tokens bytes of the validation
+    split), with its k and seed 0, the exponents are the telemetry's at that step."""
+    run, ds = trained
+    cfg = tiny()
+    d, t = cfg.data, cfg.telemetry
+    val = load_corpus(d.corpus, d.max_bytes, d.val_fraction, d.seq_len).val
+    ckpt = str(run / "checkpoints" / "step_0000020")
+    (tmp_path / "probe.txt").write_bytes(val[: t.lyapunov_tokens].tobytes())  # the whole file
+    (tmp_path / "long.txt").write_bytes(val[: d.seq_len + 1].tobytes())  # one byte more than the learned positions
+    ref = ds.lyapunov.sel(step=20).values
+    assert np.isfinite(ref).all()
+    for name, extra in (("probe.txt", []), ("long.txt", ["--probe-tokens", str(t.lyapunov_tokens)])):
+        out = tmp_path / f"w_{name}"
+        assert main(["weights", ckpt, "--lyapunov", "--probe-text", str(tmp_path / name), "--lyapunov-k", str(t.lyapunov_k),
+                     "--seed", "0", *extra, "--out", str(out)]) == 0
+        w = xr.load_dataset(out / "weights.nc", engine="h5netcdf")
+        np.testing.assert_allclose(w.lyapunov_exponent.values, ref, rtol=1e-5, atol=1e-7)
+        assert w.attrs["lyapunov_probe"].startswith(f"{t.lyapunov_tokens} bytes of {tmp_path / name} embedded by the checkpoint")
+        assert w.attrs["lyapunov_probe"] in capsys.readouterr().out
+    # the whole file: refused beyond the learned positions, naming the option; nothing written
+    assert main(["weights", ckpt, "--lyapunov", "--probe-text", str(tmp_path / "long.txt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --probe-text") and f"{d.seq_len} learned positions" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_after_interruption_gives_the_same_numbers(trained, tmp_path):
     run, full = trained
     part = tmp_path / "part"

@@ -1,7 +1,8 @@
 """``meanfield weights PATH``: the 1:1 rule's per-layer numbers for a local checkpoint (no network).
 
     meanfield weights PATH [--attention wo|value|both] [--fold-gains] [--out DIR] [--float64]
-                           [--lyapunov [--lyapunov-k K] [--probe-tokens N] [--seed S] [--probe FILE.npy]]
+                           [--lyapunov [--lyapunov-k K] [--probe-tokens N] [--seed S]
+                                       [--probe FILE.npy | --probe-text FILE]]
 
 Per layer: ||W_mlp||_2, ||W_attn||_2, rho = ||W_mlp||_2/||W_attn||_2 and the propagated effective rank and
 condition number of `meanfield.rule.propagate` (`meanfield.rule.analyse`). Default precision is the rule's per-model script (each
@@ -16,10 +17,16 @@ matrices would not fit in memory. All-zero W_mlp / W_attn (rho undefined) are an
 ``--lyapunov`` adds the K (default 8) leading finite-time Lyapunov exponents of the block-to-block map of the
 actual forward pass (`meanfield.nets.Decoder.from_checkpoint`, `meanfield.lyapunov.decoder_lyapunov`), in units
 of 1/layer, on probe tokens: ``--probe-tokens N`` (default 16) N(0, I) vectors of dimension d_model drawn with
-``--seed`` (default 0), or ``--probe FILE.npy`` (a real array of shape (n, d_model)). Positive: nearby token
-configurations separate through the network; negative: they merge. Added to weights.nc (``lyapunov_exponent``,
-``lyapunov_drift`` over ``exponent``, ``lyapunov_running`` over layer x exponent) and written to lyapunov.csv.
-float32 unless ``--float64``.
+``--seed`` (default 0), or ``--probe FILE.npy`` (a real array of shape (n, d_model)), or ``--probe-text FILE``:
+the file's bytes (all of them, or the first N with ``--probe-tokens N``) embedded by the checkpoint itself, its
+byte embedding ``embed.weight`` plus its learned positions ``pos.weight`` (rotary positions: nothing added,
+they act inside attention), as `meanfield.train.LanguageModel.embed_tokens` does. Only for checkpoints of
+`meanfield train` (model_type meanfield, 256 bytes); with learned positions at most max_position_embeddings
+bytes. On the bytes the training telemetry probes (the first ``telemetry.lyapunov_tokens`` bytes of the
+corpus's validation split), with its ``--lyapunov-k`` and seed 0, the exponents are its ``lyapunov`` at
+that step. Positive: nearby token configurations separate through the network; negative: they merge. Added
+to weights.nc (``lyapunov_exponent``, ``lyapunov_drift`` over ``exponent``, ``lyapunov_running`` over
+layer x exponent) and written to lyapunov.csv. float32 unless ``--float64``.
 """
 
 from __future__ import annotations
@@ -51,9 +58,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lyapunov", action="store_true",
                    help="also the finite-time Lyapunov exponents (1/layer) of the forward pass's block-to-block map on probe tokens")
     p.add_argument("--lyapunov-k", type=int, metavar="K", help="number of exponents (default 8; at most n x d_model)")
-    p.add_argument("--probe-tokens", type=int, metavar="N", help="--lyapunov on N random N(0, I) tokens (default 16)")
+    p.add_argument("--probe-tokens", type=int, metavar="N",
+                   help="--lyapunov on N random N(0, I) tokens (default 16); with --probe-text: the first N bytes")
     p.add_argument("--seed", type=int, help="seed of the random probe tokens and initial tangents (default 0)")
     p.add_argument("--probe", metavar="FILE.npy", help="--lyapunov on these tokens instead: a real .npy array of shape (n, d_model)")
+    p.add_argument("--probe-text", metavar="FILE",
+                   help="--lyapunov on this file's bytes (default all) embedded by the checkpoint's own byte embedding and "
+                        "learned positions (meanfield train's checkpoints only)")
     p.set_defaults(func=run)
     return p
 
@@ -71,10 +82,86 @@ def _read_probe(path, d: int) -> np.ndarray:
     return read_tokens_file(pathlib.Path(path), (None, d), "(n, d_model)")
 
 
-def probe(args, d: int) -> tuple[np.ndarray, str]:
-    """The probe tokens of ``--lyapunov`` (n, d) and a line saying what they are; ValueError naming the option."""
+def byte_embedding(ckpt) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embed.weight (256, d), pos.weight (max_len, d) or None for rotary positions) of a checkpoint that
+    `meanfield train` wrote, read with the loader's `TensorStore`; ValueError naming ``--probe-text`` for any
+    other checkpoint or tensors that do not fit it."""
+    from ._io import TensorStore, resolve
+    from ._types import CheckpointError
+
+    where = f"--probe-text: {ckpt.source}"
+    if ckpt.arch != "meanfield":
+        raise ValueError(f"{where} is a {ckpt.arch} checkpoint, which has no byte embedding: its tokens need its own "
+                         "tokenizer (e.g. GPT-2's BPE), which meanfield does not have. --probe-text needs a checkpoint "
+                         "of `meanfield train` (model_type meanfield, 256 bytes); embed the tokens yourself and use "
+                         "--probe FILE.npy")
+    cfg, d = ckpt.config, ckpt.d_model
+    if cfg.get("vocab_size", 256) != 256:
+        raise ValueError(f"{where}: config.json vocab_size = {cfg.get('vocab_size')!r}; a byte embedding has 256 rows")
+    try:
+        store = TensorStore(resolve(ckpt.source)[0])
+        if "embed.weight" not in store:
+            raise ValueError(f"{where}: no tensor 'embed.weight' (the byte embedding) in this checkpoint")
+        if store.shape("embed.weight") != (256, d):
+            raise ValueError(f"{where}: tensor 'embed.weight' has shape {store.shape('embed.weight')}; a byte "
+                             f"embedding is (256, d_model) = (256, {d})")
+        embed = store.get("embed.weight", finite=True)
+        if "pos.weight" not in store:
+            if cfg.get("positions", "rope") != "rope":
+                raise ValueError(f"{where}: config.json positions = {cfg.get('positions')!r} but there is no tensor "
+                                 "'pos.weight' (the learned positions)")
+            return embed, None
+        shp = store.shape("pos.weight")
+        if len(shp) != 2 or shp[1] != d or shp[0] < 1:
+            raise ValueError(f"{where}: tensor 'pos.weight' has shape {shp}; learned positions are "
+                             f"(max_position_embeddings, d_model) with d_model = {d}")
+        return embed, store.get("pos.weight", finite=True)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise ValueError(f"--probe-text: {exc}") from None
+
+
+def text_probe(args, ckpt) -> tuple[np.ndarray, str]:
+    """``--probe-text FILE``: the file's first N bytes (``--probe-tokens N``; default all) embedded as
+    `meanfield.train.LanguageModel.embed_tokens` does, E[b_i] + P_i (rotary positions: E[b_i]), (n, d);
+    float32 (the training's own sum) unless ``--float64``. ValueError naming the option."""
+    embed, pos = byte_embedding(ckpt)
+    limit = None if pos is None else pos.shape[0]
+    n = args.probe_tokens
+    if n is not None and n < 1:
+        raise ValueError(f"--probe-tokens: must be >= 1; got {n}")
+    if n is not None and limit is not None and n > limit:
+        raise ValueError(f"--probe-tokens: {n} bytes, but the checkpoint has {limit} learned positions "
+                         f"(max_position_embeddings); give at most {limit}")
+    try:
+        with open(args.probe_text, "rb") as f:
+            data = f.read(n if n is not None else -1 if limit is None else limit + 1)
+    except OSError as exc:
+        raise ValueError(f"--probe-text {args.probe_text}: cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise ValueError(f"--probe-text {args.probe_text}: the file is empty; it needs at least one byte")
+    if n is not None and len(data) < n:
+        raise ValueError(f"--probe-tokens: {n} bytes, but --probe-text {args.probe_text} has only {len(data)}")
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"--probe-text {args.probe_text}: longer than the checkpoint's {limit} learned positions "
+                         f"(max_position_embeddings); give --probe-tokens N (at most {limit}) to use its first N bytes")
+    dt = np.float64 if args.float64 else np.float32
+    b = np.frombuffer(data, np.uint8)
+    X = embed.astype(dt)[b]
+    if pos is not None:
+        X = X + pos.astype(dt)[: len(b)]
+    how = "byte embedding + learned positions" if pos is not None else "byte embedding; rotary positions inside attention"
+    return X, f"{len(b)} bytes of {args.probe_text} embedded by the checkpoint ({how})"
+
+
+def probe(args, d: int, ckpt=None) -> tuple[np.ndarray, str]:
+    """The probe tokens of ``--lyapunov`` (n, d) and a line saying what they are; ValueError naming the option.
+    ``ckpt``: the loaded checkpoint, whose byte embedding ``--probe-text`` uses."""
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed: must be >= 0; got {args.seed}")
+    if args.probe_text is not None:
+        if args.probe is not None:
+            raise ValueError("--probe-text: give either --probe-text or --probe, not both")
+        return text_probe(args, ckpt)
     if args.probe is not None:
         if args.probe_tokens is not None:
             raise ValueError("--probe: give either --probe or --probe-tokens, not both")
@@ -249,12 +336,12 @@ def run(args) -> int:
         return _error(f"{path}: cannot read this checkpoint ({type(exc).__name__}: {exc}).")
     attentions = ("wo", "value") if args.attention == "both" else (args.attention,)
     given = [o for o, v in (("--lyapunov-k", args.lyapunov_k), ("--probe-tokens", args.probe_tokens), ("--seed", args.seed),
-                            ("--probe", args.probe)) if v is not None]
+                            ("--probe", args.probe), ("--probe-text", args.probe_text)) if v is not None]
     if given and not args.lyapunov:
         return _error(f"{given[0]}: only applies with --lyapunov")
     if args.lyapunov:
         try:
-            X, probe_line = probe(args, ckpt.d_model)
+            X, probe_line = probe(args, ckpt.d_model, ckpt)
         except ValueError as exc:
             return _error(str(exc))
         k = 8 if args.lyapunov_k is None else args.lyapunov_k
