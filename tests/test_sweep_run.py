@@ -83,6 +83,54 @@ def test_gaussian_sweep_reproduces_riccati_blowup_times(tmp_path):
     assert np.all(np.isfinite(tr[:, 0])) and np.all(np.isnan(tr[:, -1]))
 
 
+def test_swept_depth_runs_on_the_ensemble_and_matches_closed_form_and_library_calls(tmp_path):
+    """simulator.t1 swept: every point solves to its own depth on the ensemble integrator. The d = 1
+    Riccati moments s(t) = 1 / (1 - 2 v t) at every save, the blow-up time 1 / (2 v), and the same
+    numbers as a direct `simulate_gaussian` call per point; particles against `simulate_particles`."""
+    from meanfield.sweep.plan import make_plan
+    from meanfield.sweep.points import uses_ensemble
+
+    raw = {
+        "name": "depths",
+        "model": {"d": 1, "mlp": "affine", "Q": {"eye": 1.0}, "K": {"eye": 1.0}, "V": {"eye": 1.0}, "W": {"eye": 0.0}},
+        "initial": {"kind": "gaussian", "mean": 0.0, "cov": 1.0},
+        "simulator": {"kind": "gaussian", "t1": 3.0, "n_save": 6},
+        "observables": ["cov_trace"],
+        "sweep": {"grid": {"model.V.eye": [0.25, 2.0], "simulator.t1": [0.5, 1.5]}},
+        "plots": {"curves": None},
+    }
+    cfg = config_from_dict(raw)
+    group = make_plan(cfg, source="test").groups[0]
+    assert uses_ensemble(cfg, group.traced_paths)
+    ds = run_experiment(cfg, out=tmp_path / "g", quiet=True).dataset
+    for i, (v, t1) in enumerate(zip(ds["model.V.eye"].values, ds["simulator.t1"].values)):
+        t = ds["t"].values[i]
+        np.testing.assert_allclose(t, np.linspace(0.0, t1, 6), rtol=1e-6)
+        tr = ds["cov_trace"].values[i]
+        reached = np.isfinite(tr)
+        np.testing.assert_allclose(tr[reached], 1 / (1 - 2 * v * t[reached]), rtol=1e-4)
+        direct = mf.simulate_gaussian(mf.Model(mlp="affine", Q=jnp.eye(1), K=jnp.eye(1), V=v * jnp.eye(1),
+                                               W=jnp.zeros((1, 1))), jnp.zeros(1), jnp.eye(1), float(t1), n_save=6)
+        if 1 / (2 * v) < t1:  # blows up before its depth
+            assert int(ds["regime"].values[i]) == 2
+            assert abs(ds["blowup_time"].values[i] - 1 / (2 * v)) < 1e-4 * (1 / (2 * v))
+        else:
+            assert reached.all() and not np.isfinite(ds["blowup_time"].values[i])
+        np.testing.assert_allclose(ds["blowup_time"].values[i], direct.blowup_time, rtol=1e-6)
+        assert int(ds["regime"].values[i]) == int(mf.classify(direct))
+    # Particles: each point against its own library call.
+    pdir = tmp_path / "p"
+    raw = _particles(sweep={"grid": {"simulator.t1": [0.5, 2.0], "seed": [0, 1]}})
+    ds = run_experiment(config_from_dict(raw), out=pdir, quiet=True).dataset
+    for i, (t1, seed) in enumerate(zip(ds["simulator.t1"].values, ds["seed"].values)):
+        key = jax.random.key(int(seed))
+        model = mf.Model.random(jax.random.fold_in(key, 0), 2, beta=1.0, activation="tanh", norm="sphere")
+        X0 = mf.sphere_uniform(jax.random.fold_in(key, 1), 8, 2)
+        sol = mf.simulate_particles(model, X0, float(t1), n_save=5, save_fn=mf.metrics.particle_observables)
+        np.testing.assert_allclose(ds["t"].values[i], sol.ts, rtol=1e-6)
+        np.testing.assert_allclose(ds["effective_rank"].values[i], sol.xs["effective_rank"], rtol=1e-5)
+
+
 def test_resume_computes_only_missing_points(tmp_path):
     cfg = config_from_dict(_particles())
     first = run_experiment(cfg, out=tmp_path / "r", quiet=True)

@@ -77,7 +77,7 @@ def classify(solution, *, collapse_tol: float = 1e-2, growth_limit: float = 1e6)
     batched = (isinstance(solution, GaussianSolution) and solution.means.ndim == 3) or (
         isinstance(solution, ParticleSolution) and getattr(solution.xs, "ndim", 0) == 4)
     if batched:  # the shared save times broadcast to every point, then one classify per point
-        ts = jnp.broadcast_to(solution.ts, solution.success.shape + solution.ts.shape)
+        ts = jnp.broadcast_to(solution.ts, solution.success.shape + solution.ts.shape[-1:])  # (T,) or (B, T)
         return jax.vmap(lambda s: classify(s, **kw))(eqx.tree_at(lambda s: s.ts, solution, ts))
     if isinstance(solution, GaussianSolution):
         m, S = solution.means[-1], solution.covs[-1]

@@ -98,13 +98,34 @@ def check_number(where: str | None, name: str, value, *, gt=None, ge=None, allow
 
 
 def check_span(where: str | None, t0, t1) -> None:
-    """Finite depths with t1 > t0 (checked when concrete)."""
+    """Finite depths with t1 > t0 (checked when concrete); t1 may be one depth per point, shape (B,)."""
     check_number(where, "t0", t0)
+    pre = "" if where is None else f"{where}: "
+    if np.ndim(t1) == 1:  # a batch's per-point depths
+        check_finite(where, "t1", t1)
+        a, b = concrete_scalar(t0), concrete(t1)
+        if a is not None and b is not None and b.size and not np.all(b > a):
+            bad = int(np.argmin(b))
+            raise ValueError(f"{pre}`t1` must be > `t0` = {a:g} for every point (the solve runs forward in depth); "
+                             f"got t1[{bad}] = {b[bad]:g}.")
+        return
     check_number(where, "t1", t1)
     a, b = concrete_scalar(t0), concrete_scalar(t1)
     if a is not None and b is not None and not b > a:
-        pre = "" if where is None else f"{where}: "
         raise ValueError(f"{pre}`t1` must be > `t0` = {a:g} (the solve runs forward in depth); got t1 = {b:g}.")
+
+
+def check_depths(where: str | None, t1, n_points: int | None) -> None:
+    """`t1` is one depth, or (for a batch of `n_points`; None: a single solve) one per point, shape (B,)."""
+    pre = "" if where is None else f"{where}: "
+    dims = np.ndim(t1)
+    if dims == 0:
+        return
+    if dims > 1 or n_points is None:
+        raise ValueError(f"{pre}`t1` must be one depth, or one per point (shape (B,)) for a batched call; "
+                         f"got shape {np.shape(t1)}" + (" in a single solve." if dims == 1 else "."))
+    if np.shape(t1)[0] != n_points:
+        raise ValueError(f"{pre}`t1` holds {np.shape(t1)[0]} depths for a batch of {n_points} points; they must agree.")
 
 
 def check_solver_options(where: str | None, *, dt0=None, rtol=None, atol=None, max_steps=None) -> None:

@@ -43,7 +43,7 @@ from ..model.field import gaussian_closure_error, moment_matrices
 from .core import Trajectory, solve, solve_ensemble
 from .particles import split_layer_times, with_layer_times
 from .checks import (
-    check_covariance, check_finite, check_model_finite, check_number, check_solver_options, check_span,
+    check_covariance, check_depths, check_finite, check_model_finite, check_number, check_solver_options, check_span,
 )
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
@@ -52,7 +52,7 @@ class GaussianSolution(Summarised, eqx.Module):
     """Result of `simulate_gaussian`.
 
     Attributes:
-        ts: save times (T,).
+        ts: save times (T,) ((B, T) for a batch with one depth t1 per point).
         means: (T, d); covs: (T, d, d). A batched call adds a leading axis B to every field
             but `ts`. Save times after a blow-up hold the last state before
             it (see `valid`), so a blow-up never puts NaN or inf in them; after a failure whose
@@ -142,7 +142,7 @@ def simulate_gaussian(
             models, or both) runs the ensemble integrator (`meanfield.simulate.core`): B independent adaptive solves on
             `lanes` lanes (default min(B, 256)), each lane refilled when its point finishes.
         t1, t0, ts, n_save, solver, dt0, rtol, atol, max_steps, progress: as in
-            `simulate_particles`.
+            `simulate_particles` (a batch takes one depth t1 per point too, shape (B,)).
         blowup_threshold: tr S / tr S0 at which the solve stops and blow-up is declared
             (default 1e3 in float32, 1e6 in float64). Near a singularity tr S ~ 1/(t* - t) cannot
             exceed about 1/eps of its start (t* - t is not resolved below eps t*), and the Riccati
@@ -187,6 +187,7 @@ def simulate_gaussian(
     check_covariance(where, "S0", S0)
     check_model_finite(where, model)
     check_span(where, t0, t1)
+    check_depths(where, t1, next(iter(sizes)) if sizes else None)
     check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
     check_number(where, "blowup_threshold", blowup_threshold, gt=1, allow_inf=True)
     if rank_rtol is not None:
@@ -291,5 +292,7 @@ def _solve_batch(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, 
 
     traj = solve_ensemble(field, (m0, L0), args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
                           max_steps=max_steps, event=_blowup_event, lanes=lanes, on_finish=tick)
+    if ts.ndim == 2:  # one depth per point: each point its own save grid
+        return jax.vmap(lambda tr, a, t: _finish(tr, point_model(a), t, t0, threshold, a["log_limit"]))(traj, args, ts)
     sol = jax.vmap(lambda tr, a: _finish(tr, point_model(a), ts, t0, threshold, a["log_limit"]))(traj, args)
     return eqx.tree_at(lambda s: s.ts, sol, ts)

@@ -23,7 +23,7 @@ from ..model.attention import AbstractAttention, LowRank, direct_evaluator
 from ..model.field import particle_field
 from .attention_policy import Auto, resolve_attention
 from .core import Trajectory, solve, solve_ensemble
-from .checks import check_finite, check_model_finite, check_number, check_solver_options, check_span
+from .checks import check_finite, check_model_finite, check_number, check_depths, check_solver_options, check_span
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
@@ -31,7 +31,7 @@ class ParticleSolution(Summarised, eqx.Module):
     """Result of `simulate_particles`.
 
     Attributes:
-        ts: save times, shape (T,).
+        ts: save times, shape (T,) ((B, T) for a batch with one depth t1 per point).
         xs: token states, shape (T, n, d), or the pytree returned by `save_fn` per time. A batched
             call adds a leading axis B to `xs`, `success`, `blown_up`, `t_end`, `num_steps`, `num_attempts`.
         success: whether the solver reached t1 or stopped at a blow-up (False: max_steps hit,
@@ -114,7 +114,9 @@ def simulate_particles(
             independent adaptive solves on a pool of `lanes` lanes, each lane refilled with the next
             point when its point finishes (`meanfield.simulate.core`); each point gets the steps
             its single solve would take.
-        t1: final depth. `t0`: initial depth.
+        t1: final depth; for a batch also one depth per point, shape (B,) (each point then saves at
+            `n_save` equally spaced depths of its own [t0, t1]: `ts` has shape (B, n_save)).
+            `t0`: initial depth.
         ts: save times (default: `n_save` equally spaced on [t0, t1]).
         solver: `"tsit5"`, `"dopri5"`, `"dopri8"`, `"bosh3"` (adaptive, `rtol`/`atol`; default
             3e-6/3e-8 in float32, measured above its rounding floor, 1e-9/1e-11 in float64), `"rk4"`, `"euler"`, `"heun"`,
@@ -143,7 +145,7 @@ def simulate_particles(
 
     Returns:
         `ParticleSolution` with `ts` (T,) and `xs` (T, n, d) (or the saved observables); a batch
-        adds a leading axis B to every field but `ts`.
+        adds a leading axis B to every field but `ts` (and to `ts` too with per-point depths).
 
     Raises:
         ValueError: naming the argument, for concrete inputs that are not valid numbers: `X0` or a
@@ -173,6 +175,7 @@ def simulate_particles(
             f"simulate_particles: `X0` holds a batch of {X0.shape[0]} and `model` a batch of {B}; they must agree."
         )
     batched = X0.ndim == 3 or B is not None
+    check_depths(where, t1, X0.shape[0] if X0.ndim == 3 else B if batched else None)
     if batched:
         if dense:
             raise ValueError("simulate_particles: `dense=True` needs a single solve (X0 of shape (n, d), one Model).")
@@ -284,4 +287,6 @@ def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, atte
     traj = solve_ensemble(vector_field, X0, args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,
                           dt0=dt0, max_steps=max_steps, event=_blowup_event(blowup_growth), fn=fn, lanes=lanes,
                           on_finish=tick)
+    if ts.ndim == 2:  # one depth per point: each point its own save grid
+        return jax.vmap(_finish)(traj, ts)
     return eqx.tree_at(lambda s: s.ts, jax.vmap(lambda tr: _finish(tr, ts))(traj), ts)

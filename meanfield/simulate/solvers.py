@@ -305,11 +305,15 @@ def batch_progress(progress: bool, total: int, unit: str):
 
 
 def save_times(t0, t1, ts, n_save, dtype, where: str | None = None):
-    """The save grid: `ts` if given, else `n_save` equally spaced times on [t0, t1].
+    """The save grid: `ts` if given, else `n_save` equally spaced times on [t0, t1] ((B, n_save) for
+    per-point depths t1 of shape (B,), which take no `ts`).
 
     Concrete `ts` must be finite, non-decreasing and within [t0, t1] (in `dtype`); `n_save` must be
     an integer >= 2. `where` prefixes the error messages (the public function's name)."""
     pre = "" if where is None else f"{where}: "
+    if ts is not None and np.ndim(t1) > 0:
+        raise ValueError(f"{pre}`ts` cannot be given with one `t1` per point: each point saves at `n_save` "
+                         "equally spaced depths of its own [t0, t1].")
     if ts is not None:
         ts = jnp.asarray(ts, dtype)
         if ts.ndim != 1:
@@ -325,4 +329,4 @@ def save_times(t0, t1, ts, n_save, dtype, where: str | None = None):
         return ts
     if isinstance(n_save, (bool, np.bool_)) or not isinstance(n_save, (int, np.integer)) or n_save < 2:
         raise ValueError(f"{pre}`n_save` must be an integer >= 2; got {n_save!r}.")
-    return jnp.linspace(t0, t1, n_save, dtype=dtype)
+    return jnp.linspace(jnp.asarray(t0, dtype), jnp.asarray(t1, dtype), n_save, dtype=dtype, axis=-1)

@@ -25,7 +25,7 @@ from ..simulate.gaussian import simulate_gaussian
 from ..simulate.particles import simulate_particles
 from .build import build_model, initial_moments, initial_tokens, point_config, point_keys
 from .config import ExperimentConfig, SimulatorConfig
-from .plan import ConfigError, memory_estimate
+from .plan import memory_estimate
 
 
 def _dtype(cfg: ExperimentConfig):
@@ -228,20 +228,20 @@ def make_chunk_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, l
     rounding of batched arithmetic. Lyapunov exponents (a QR solve of their own) stay vmapped."""
     dtype, names, sim, reg, d = _group_context(cfg)
     s = cfg.simulator
-    if "simulator.t1" in traced_paths:  # per-point depth: the batch shares one t1
-        raise ConfigError("sweeping simulator.t1 runs the per-point path")
+    per_point_t1 = "simulator.t1" in traced_paths  # a swept depth: each point solves to its own t1
 
     def setup(values):
         pc, model, ikey = _point_model(cfg, traced_paths, values, dtype)
         if sim.kind == "gaussian":
-            return model, initial_moments(pc.initial, d, dtype), ikey
-        return model, initial_tokens(pc.initial, d, ikey, dtype, file_tokens), ikey
+            return model, initial_moments(pc.initial, d, dtype), ikey, pc.simulator.t1
+        return model, initial_tokens(pc.initial, d, ikey, dtype, file_tokens), ikey, pc.simulator.t1
 
     def chunk(values):
-        models, init, ikeys = jax.vmap(setup)(values)
+        models, init, ikeys, t1s = jax.vmap(setup)(values)
+        t1 = t1s if per_point_t1 else sim.t1
         if sim.kind == "gaussian":
             m0, S0 = init
-            sol = simulate_gaussian(models, m0, S0, sim.t1, blowup_threshold=s.blowup_threshold, lanes=lanes,
+            sol = simulate_gaussian(models, m0, S0, t1, blowup_threshold=s.blowup_threshold, lanes=lanes,
                                     **_solver_kwargs(s))
             sol = eqx.tree_at(lambda g: g.ts, sol, jnp.broadcast_to(sol.ts, sol.means.shape[:2]))
             out = jax.vmap(lambda g: _gaussian_outputs(names, reg, g))(sol)
@@ -252,11 +252,12 @@ def make_chunk_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, l
                     gaussian_lyapunov(m, a, b, sim.t1, **_lyapunov_kwargs(sim, k))))(models, m0, S0, ikeys)
             return out
         attention = _direct_attention(s, init.shape[-2])
-        sol = simulate_particles(models, init, sim.t1, attention=attention,
+        sol = simulate_particles(models, init, t1, attention=attention,
                                  blowup_growth=100 * reg.growth_limit, lanes=lanes, **_solver_kwargs(s))
         # Observables of the saved states, 256 points at a time (some are O(n^2) per state).
-        out = jax.lax.map(lambda a: _particle_outputs(names, reg, sol.ts, *a),
-                          (sol.xs, sol.success, sol.blown_up, sol.t_end), batch_size=256)
+        ts = jnp.broadcast_to(sol.ts, sol.t_end.shape + sol.ts.shape[-1:])
+        out = jax.lax.map(lambda a: _particle_outputs(names, reg, *a),
+                          (ts, sol.xs, sol.success, sol.blown_up, sol.t_end), batch_size=256)
         if sim.lyapunov is not None:
             from ..lyapunov import particle_lyapunov
 
@@ -268,7 +269,7 @@ def make_chunk_function(cfg: ExperimentConfig, traced_paths, file_tokens=None, l
 
 
 MAX_AUTO_CHUNK = 256
-"""Points per chunk for vmapped (lockstep) groups: shaped SDE, swept t1, low-rank attention."""
+"""Points per chunk for vmapped (lockstep) groups: the shaped SDE, low-rank attention."""
 MAX_ENSEMBLE_CHUNK = 8192
 """Points per chunk on the ensemble integrator: the queue a pool of lanes works through (bigger
 queues shorten the tail after it empties; chunks stay small enough to be crash-safe)."""
@@ -276,10 +277,9 @@ queues shorten the tail after it empties; chunks stay small enough to be crash-s
 
 def uses_ensemble(cfg: ExperimentConfig, traced_paths=(), point_by_point: bool = False) -> bool:
     """Whether a group runs on the ensemble integrator (`make_chunk_function`) rather than a vmap of
-    `make_point_function`: particles and moments, except groups run point by point (low-rank
-    attention, `schedule.point_by_point`) and a swept depth."""
-    return (cfg.simulator.kind in ("particles", "gaussian") and not point_by_point
-            and "simulator.t1" not in traced_paths)
+    `make_point_function`: particles and moments (a swept depth too: each point solves to its own t1),
+    except groups run point by point (low-rank attention, `schedule.point_by_point`)."""
+    return cfg.simulator.kind in ("particles", "gaussian") and not point_by_point
 
 
 def auto_chunk_size(cfg: ExperimentConfig, n_devices: int, traced_paths=()) -> int:
