@@ -15,7 +15,9 @@ median). Workloads (issue #14):
    subset and extrapolated; the old engine (jit(vmap(point function)) in chunks of 256, lockstep)
    timed on a subset.
 3. 1,024 particle points (n = 64, d = 8, softmax + GELU MLP, spectral ratio swept log in
-   [0.05, 20], t1 = 5) through `run_experiment`, against the same loop and old engine.
+   [0.05, 20], t1 = 5) through `run_experiment`, against the same loop and old engine, and the
+   floor: one batched field evaluation of a 256-lane pool (the sweep's XLA options) x the stage
+   evaluations the loop's sample really needs (6 per attempted step, rejected ones included, + 1).
 4. `meanfield run experiments/quickstart.yaml` twice in fresh processes sharing one compilation
    cache: the second run's computation time (printed by the command) against 3 s.
 
@@ -214,6 +216,37 @@ def gaussian_floor(points: list[tuple[float, int]], lanes: int = 256, reps: int 
             "steps": steps_line(np.asarray(sol.num_steps))}
 
 
+def particle_floor(points: list[tuple[float, int]], max_steps: int, lanes: int = 256, reps: int = 20) -> dict:
+    """Workload 3's floor: the 64-token d = 8 field of a `lanes`-lane pool (the sample's points, tiled),
+    one batched evaluation timed inside a compiled loop with the sweep's XLA options for this group,
+    x the stage evaluations the sample's points really need (6 per attempted tsit5 step, rejected ones
+    included, + 1), from one batched library call on the sample."""
+    from meanfield._xla_flags import program_options
+
+    d, n = 8, 64
+    models, X0s = [], []
+    for rho, seed in points:
+        key = jax.random.key(seed)
+        models.append(mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho))
+        X0s.append(mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d)))
+    batch, X0 = jax.tree.map(lambda *a: jnp.stack(a), *models), jnp.stack(X0s)
+    sol = mf.simulate_particles(batch, X0, 5.0, n_save=11, max_steps=max_steps)
+    attempts = np.asarray(sol.num_attempts)
+    evals_per_point = float(np.mean(6 * attempts + 1))
+    tile = lambda a: jnp.resize(a, (lanes,) + a.shape[1:])  # noqa: E731
+    pool, Xp = jax.tree.map(tile, batch), tile(X0)
+    one = jax.vmap(lambda m, x: particle_field(0.0, x, m))
+    field = jax.jit(lambda mo, x: jax.lax.fori_loop(0, reps, lambda i, X: X + 1e-3 * one(mo, X), x))
+    compiled = field.lower(pool, Xp).compile(compiler_options=program_options(n * d))
+    jax.block_until_ready(compiled(pool, Xp))
+    best = min(timed(lambda: compiled(pool, Xp)) for _ in range(5)) / reps
+    per_lane = best / lanes
+    return {"field_ns_per_lane_eval": 1e9 * per_lane, "stage_evals_per_point": evals_per_point,
+            "floor_us_per_point": 1e6 * per_lane * evals_per_point, "sample": len(points),
+            "steps": steps_line(np.asarray(sol.num_steps)), "attempts": steps_line(attempts),
+            "devices": 1}
+
+
 def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float,
           floor: dict | None = None, loop_rounds: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,10 +282,12 @@ def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points
         field_s = floor["floor_us_per_point"] * 1e-6 * n_points
         budget = n_points / (target * loop_rate)
         out["floor"] = dict(floor, field_s=field_s, target_budget_s=budget)
+        f_dev = floor.get("devices", n_dev)  # a group compiled with YNNPACK kernels runs on one device
         print(f"   floor: the field alone, {floor['field_ns_per_lane_eval']:.0f} ns per lane-evaluation x "
-              f"{floor['stage_evals_per_point']:.0f} stage evaluations per point (sample of {floor['sample']}; steps "
-              f"{floor['steps']}) = {field_s:.1f} s for {n_points} points on one core ({field_s / n_dev:.1f} s on "
-              f"{n_dev}); the engine takes {engine_s / (field_s / n_dev):.1f}x the floor on {n_dev}")
+              f"{floor['stage_evals_per_point']:.0f} stage evaluations per point (sample of {floor['sample']}; "
+              f"accepted steps {floor['steps']}" + (f"; attempts {floor['attempts']}" if "attempts" in floor else "")
+              + f") = {field_s:.1f} s for {n_points} points on one device ({field_s / f_dev:.1f} s on "
+              f"{f_dev}); the engine takes {engine_s / (field_s / f_dev):.1f}x the floor on {f_dev}")
         print(f"   the target's budget at this loop: {budget:.1f} s, compile included; the field alone "
               f"{'fits in it' if field_s < budget else 'does not fit in it'} ({field_s / budget:.0%} of it)")
     return out
@@ -316,7 +351,7 @@ def main() -> None:
         raw["simulator"]["max_steps"] = budget
         rows.append(sweep(f"3. particles n=64 d=8 (max_steps {budget})", raw, n_rho * n_seed,
                           functools.partial(loop_particles, max_steps=budget), pts,
-                          0 if args.no_old_engine else p_old, 2.0))
+                          0 if args.no_old_engine else p_old, 2.0, floor=particle_floor(pts, budget)))
     if 4 not in skip:
         rows.append(quickstart_twice())
     print(f"\nload average at the end {os.getloadavg()}")
