@@ -28,7 +28,6 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ from .._display import Summarised, Summary
 from ..simulate.checks import (
     all_finite, check_finite, check_model_finite, check_number, check_solver_options, check_span,
 )
+from ..simulate.core import Trajectory, solve
 from ..simulate.solvers import make_controller, make_solver, progress_meter, save_times
 from . import grid as _grid
 from .velocity import apply_operator, check_model, layer_operator, resolve_method
@@ -179,23 +179,19 @@ def _build_ops(model, M, method, dtype):
 
 @eqx.filter_jit
 def _segment(model, density0, t0, t1, ts, dt0, solver, controller, max_steps, method, tail_tol, pos_tol, watch,
-             progress):
+             progress) -> Trajectory:
+    """One stretch of the PDE solve on the shared solve core (`meanfield.simulate.core.solve`), stopped
+    by the resolution watch (spectral tail, positivity, finiteness) when `watch`."""
     N = density0.shape[0]
     M = 3 * N // 2
     ops = _build_ops(model, M, method, density0.dtype)
-    event = None
-    if watch:
-        def bad(t, y, args, **kwargs):
-            tail = _grid.spectral_tail(y)
-            return (tail > tail_tol) | (jnp.min(y) < -pos_tol * jnp.max(y)) | ~jnp.all(jnp.isfinite(y))
-        event = diffrax.Event(bad)
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_rhs_factory(N)), solver, t0, t1, dt0, density0, args=(model, ops),
-        saveat=diffrax.SaveAt(ts=ts, t1=True), event=event, stepsize_controller=controller,
-        max_steps=max_steps, throw=False, progress_meter=progress_meter(progress),
-    )
-    # With an event diffrax puts the final state right after the save times reached, then infs.
-    return sol.ts, sol.ys, sol.result == diffrax.RESULTS.successful, sol.stats["num_accepted_steps"]
+    def unresolved(t, y, args, **kwargs):
+        tail = _grid.spectral_tail(y)
+        return (tail > tail_tol) | (jnp.min(y) < -pos_tol * jnp.max(y)) | ~jnp.all(jnp.isfinite(y))
+
+    return solve(_rhs_factory(N), density0, (model, ops), t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,
+                 dt0=dt0, max_steps=max_steps, event=unresolved if watch else None,
+                 progress_meter=progress_meter(progress))
 
 
 def simulate_density(
@@ -295,23 +291,23 @@ def simulate_density(
     first = True
     while True:
         ts_seg = jnp.asarray(np.clip(ts, t_start, float(t1)), dtype)
-        ts_out, ys, ok, nst = _segment(
+        traj = _segment(
             model, density, jnp.asarray(t_start, dtype), jnp.asarray(t1, dtype), ts_seg,
             None if dt0 is None else jnp.asarray(dt0, dtype), solver_obj, controller, max_steps, method,
             tail_tol, positivity_tol, watch, progress,
         )
-        steps += int(nst)
-        ts_out, ys = np.asarray(ts_out), np.asarray(ys)
-        last = int(np.sum(np.isfinite(ts_out))) - 1  # diffrax: final state right after the saves reached
-        t_end, y_end = float(ts_out[last]), ys[last]
+        steps += int(traj.num_steps)
+        ok = bool(traj.success) and not bool(traj.event)  # reached t1 (an event is the watch firing)
+        ys, t_end, y_end = np.asarray(traj.ys), float(traj.t_end), np.asarray(traj.y_end)
+        last = int(np.sum(np.asarray(ts_seg) <= traj.t_end))  # the saves reached
         mine = [i for i in range(last) if ts[i] > t_start or (first and ts[i] >= t_start)]
         first = False
         end_ok = passes(y_end)
-        if bool(ok) and last == T and (end_ok or not watch):
+        if ok and last == T and (end_ok or not watch):
             for i in mine:
                 saved[i], save_modes[i] = ys[i], N
             break
-        if not bool(ok) and end_ok:  # not an event: the time solver itself failed
+        if not ok and end_ok:  # not an event: the time solver itself failed
             for i in mine:
                 saved[i], save_modes[i] = ys[i], N
             message = (f"simulate_density: the time solver failed at t = {t_end:.4g} with N = {N} "
