@@ -86,6 +86,17 @@ def test_grid_runs_are_labelled_and_validated_one_by_one(tmp_path):
         train_grid(cfg, user, quiet=True)
 
 
+def test_learning_rate_is_linear_warm_up_then_cosine_to_the_floor():
+    """lr(s) = peak s / w on the warm-up, then min + (peak - min)(1 + cos(pi (s - w) / (S - w))) / 2."""
+    from meanfield.train.loop import schedule
+
+    cfg = tiny(**{"optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 5, "optimizer.min_lr_ratio": 0.1})
+    lr, peak, lo, w, S = schedule(cfg), 2e-3, 2e-4, 5, 40
+    for s in (0, 2, 5, 12, 22, 31, 40):
+        want = peak * s / w if s < w else lo + (peak - lo) * (1 + np.cos(np.pi * (s - w) / (S - w))) / 2
+        np.testing.assert_allclose(float(lr(s)), want, rtol=1e-5, atol=1e-12)
+
+
 def test_corpus_is_deterministic_and_short_files_are_refused(tmp_path):
     a, src = stdlib_bytes(50_000)
     b, _ = stdlib_bytes(50_000)
