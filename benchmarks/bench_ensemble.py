@@ -237,14 +237,15 @@ def particle_floor(points: list[tuple[float, int]], max_steps: int, lanes: int =
     pool, Xp = jax.tree.map(tile, batch), tile(X0)
     one = jax.vmap(lambda m, x: particle_field(0.0, x, m))
     field = jax.jit(lambda mo, x: jax.lax.fori_loop(0, reps, lambda i, X: X + 1e-3 * one(mo, X), x))
-    compiled = field.lower(pool, Xp).compile(compiler_options=program_options(n * d))
+    opts = program_options(n * d)
+    compiled = field.lower(pool, Xp).compile(compiler_options=opts)
     jax.block_until_ready(compiled(pool, Xp))
     best = min(timed(lambda: compiled(pool, Xp)) for _ in range(5)) / reps
     per_lane = best / lanes
     return {"field_ns_per_lane_eval": 1e9 * per_lane, "stage_evals_per_point": evals_per_point,
             "floor_us_per_point": 1e6 * per_lane * evals_per_point, "sample": len(points),
             "steps": steps_line(np.asarray(sol.num_steps)), "attempts": steps_line(attempts),
-            "devices": 1}
+            "devices": 1 if opts else len(jax.local_devices())}  # YNNPACK groups run on one device
 
 
 def sweep(label: str, raw: dict, n_points: int, loop_fn, loop_points, old_points: int, target: float,

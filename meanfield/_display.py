@@ -89,7 +89,8 @@ def flag(x) -> str:
 
 
 def span(ts) -> str:
-    """`[0, 20] x 101` for save times (a batch of identical grids: the first one and the batch)."""
+    """`[0, 20] x 101` for save times; a batch of grids adds the batch shape, and grids of different
+    depths (one t1 per point) show the range of their ends, `[0, 1-4] x 101 (batch (8,))`."""
     if ts is None:
         return "None"
     shp = tuple(getattr(ts, "shape", (len(ts),)))
@@ -98,8 +99,10 @@ def span(ts) -> str:
     v = _host(ts, limit=1_000_000) if shp else None  # save times: a host copy, no JAX op
     if v is None or v.size == 0:
         return f"array{shp}"
-    first = v.reshape(-1, shp[-1])[0]
-    out = f"[{float(first[0]):.4g}, {float(first[-1]):.4g}] x {shp[-1]}"
+    grids = v.reshape(-1, shp[-1])
+    first, lo, hi = grids[0], float(grids[:, -1].min()), float(grids[:, -1].max())
+    end = f"{lo:.4g}" if lo == hi else f"{lo:.4g}-{hi:.4g}"
+    out = f"[{float(first[0]):.4g}, {end}] x {shp[-1]}"
     return out if len(shp) == 1 else f"{out} (batch {shp[:-1]})"
 
 

@@ -291,6 +291,16 @@ def test_underresolved_is_reported(x64):
         simulate_density(_rotinv_model(), density0, 5.0, ts=ts, modes=32, max_modes=32, on_underresolved="raise")
 
 
+def test_a_failed_time_solve_leaves_nan_saves_not_inf(x64):
+    """max_steps = 1 and a first step that the controller rejects: the solver fails before writing any
+    save; the saves are NaN (never inf), with the warning that says so."""
+    ts = np.linspace(0.0, 5.0, 5)
+    with pytest.warns(UnderResolvedWarning, match="time solver failed"):
+        sol = simulate_density(_rotinv_model(), von_mises_mixture(0.0, 1.0), 5.0, ts=ts, modes=32, max_steps=1,
+                               dt0=1.0, rtol=1e-10, atol=1e-12)
+    assert not sol.resolved and np.isnan(sol.density).all() and np.isnan(sol.mass).all()
+
+
 @pytest.mark.slow
 def test_piecewise_schedule(x64):
     """Model.piecewise: attraction then repulsion == two consecutive depth-constant solves."""

@@ -42,6 +42,7 @@ def test_each_lane_equals_its_single_solve(x64, key):
     kw = dict(n_save=9, blowup_growth=1e3)
     batch = mf.simulate_particles(_stack([_linear(A) for A in As]), X0, 2.0, lanes=4, **kw)
     assert batch.xs.shape == (12, 9, 3, 2) and batch.ts.shape == (9,) and batch.num_steps.shape == (12,)
+    np.testing.assert_array_equal(batch.final, batch.xs[:, -1])  # every point's last save, not the last point
     steps = []
     for i, A in enumerate(As):
         single = mf.simulate_particles(_linear(A), X0[i], 2.0, **kw)
@@ -62,6 +63,28 @@ def test_each_lane_equals_its_single_solve(x64, key):
         assert abs(b - s) <= 1, steps
     counts = [s for _, s in steps[::2]]
     assert max(counts) > 5 * min(counts)  # lanes of very different cost shared the pool
+
+
+def test_per_point_depths_are_refused_where_they_do_not_fit(key):
+    """t1 of shape (B,): the batch's length, a batched call, no `ts`, every depth > t0; errors name them."""
+    model = mf.Model.random(key, 2)
+    X0 = jnp.ones((3, 4, 2))
+    m0, S0 = jnp.zeros((3, 2)), jnp.broadcast_to(jnp.eye(2), (3, 2, 2))
+    affine = mf.Model.random(key, 2, mlp="affine")
+    for call in (lambda t1, **kw: mf.simulate_particles(model, X0, t1, **kw),
+                 lambda t1, **kw: mf.simulate_gaussian(affine, m0, S0, t1, **kw)):
+        with pytest.raises(ValueError, match="`t1` holds 2 depths for a batch of 3"):
+            call(jnp.array([1.0, 2.0]))
+        with pytest.raises(ValueError, match=r"`t1` must be > `t0` = 0 for every point.*t1\[1\] = -1"):
+            call(jnp.array([1.0, -1.0, 2.0]))
+        with pytest.raises(ValueError, match="`ts` cannot be given with one `t1` per point"):
+            call(jnp.array([1.0, 2.0, 3.0]), ts=jnp.linspace(0.0, 0.5, 3))
+        with pytest.raises(ValueError, match=r"`t1` must be one depth, or one per point.*shape \(3, 1\)"):
+            call(jnp.ones((3, 1)))
+    with pytest.raises(ValueError, match="in a single solve"):
+        mf.simulate_particles(model, X0[0], jnp.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="in a single solve"):
+        mf.simulate_gaussian(affine, m0[0], S0[0], jnp.array([1.0, 2.0, 3.0]))
 
 
 def test_max_steps_lanes_fail_alone(x64, key):

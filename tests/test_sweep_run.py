@@ -96,12 +96,13 @@ def test_swept_depth_runs_on_the_ensemble_and_matches_closed_form_and_library_ca
         "initial": {"kind": "gaussian", "mean": 0.0, "cov": 1.0},
         "simulator": {"kind": "gaussian", "t1": 3.0, "n_save": 6},
         "observables": ["cov_trace"],
-        "sweep": {"grid": {"model.V.eye": [0.25, 2.0], "simulator.t1": [0.5, 1.5]}},
+        "sweep": {"grid": {"model.V.eye": [0.5, 2.0], "simulator.t1": [0.5, 1.5]}},
         "plots": {"curves": None},
     }
     cfg = config_from_dict(raw)
-    group = make_plan(cfg, source="test").groups[0]
-    assert uses_ensemble(cfg, group.traced_paths)
+    groups = make_plan(cfg, source="test").groups
+    assert len(groups) == 1 and "simulator.t1" in groups[0].traced_paths  # one batch, a depth per point
+    assert uses_ensemble(cfg, groups[0].traced_paths)
     ds = run_experiment(cfg, out=tmp_path / "g", quiet=True).dataset
     for i, (v, t1) in enumerate(zip(ds["model.V.eye"].values, ds["simulator.t1"].values)):
         t = ds["t"].values[i]
@@ -111,7 +112,7 @@ def test_swept_depth_runs_on_the_ensemble_and_matches_closed_form_and_library_ca
         np.testing.assert_allclose(tr[reached], 1 / (1 - 2 * v * t[reached]), rtol=1e-4)
         direct = mf.simulate_gaussian(mf.Model(mlp="affine", Q=jnp.eye(1), K=jnp.eye(1), V=v * jnp.eye(1),
                                                W=jnp.zeros((1, 1))), jnp.zeros(1), jnp.eye(1), float(t1), n_save=6)
-        if 1 / (2 * v) < t1:  # blows up before its depth
+        if 1 / (2 * v) < t1:  # blows up before its depth (v = 0.5: at 1.5, not at 0.5)
             assert int(ds["regime"].values[i]) == 2
             assert abs(ds["blowup_time"].values[i] - 1 / (2 * v)) < 1e-4 * (1 / (2 * v))
         else:

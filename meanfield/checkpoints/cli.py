@@ -19,14 +19,14 @@ actual forward pass (`meanfield.nets.Decoder.from_checkpoint`, `meanfield.lyapun
 of 1/layer, on probe tokens: ``--probe-tokens N`` (default 16) N(0, I) vectors of dimension d_model drawn with
 ``--seed`` (default 0), or ``--probe FILE.npy`` (a real array of shape (n, d_model)), or ``--probe-text FILE``:
 the file's bytes (all of them, or the first N with ``--probe-tokens N``) embedded by the checkpoint itself, its
-byte embedding ``embed.weight`` plus its learned positions ``pos.weight`` (rotary positions: nothing added,
-they act inside attention), as `meanfield.train.LanguageModel.embed_tokens` does. Only for checkpoints of
-`meanfield train` (model_type meanfield, 256 bytes); with learned positions at most max_position_embeddings
-bytes. On the bytes the training telemetry probes (the first ``telemetry.lyapunov_tokens`` bytes of the
-corpus's validation split), with its ``--lyapunov-k`` and seed 0, the exponents are its ``lyapunov`` at
-that step. Positive: nearby token configurations separate through the network; negative: they merge. Added
-to weights.nc (``lyapunov_exponent``, ``lyapunov_drift`` over ``exponent``, ``lyapunov_running`` over
-layer x exponent) and written to lyapunov.csv. float32 unless ``--float64``.
+byte embedding ``embed.weight`` plus its learned positions ``pos.weight`` (rotary positions: nothing added, they
+act inside attention), as `meanfield.train.LanguageModel.embed_tokens` does. Only for checkpoints of `meanfield
+train` (model_type meanfield, 256 bytes); at most max_position_embeddings bytes. On the bytes the training
+telemetry probes (the first ``telemetry.lyapunov_tokens`` bytes of the corpus's validation split), with its
+``--lyapunov-k`` and seed 0, the exponents are its ``lyapunov`` at that step. Positive: nearby token
+configurations separate through the network; negative: they merge. Added to weights.nc (``lyapunov_exponent``,
+``lyapunov_drift`` over ``exponent``, ``lyapunov_running`` over layer x exponent) and written to lyapunov.csv.
+float32 unless ``--float64``.
 """
 
 from __future__ import annotations
@@ -125,12 +125,15 @@ def text_probe(args, ckpt) -> tuple[np.ndarray, str]:
     `meanfield.train.LanguageModel.embed_tokens` does, E[b_i] + P_i (rotary positions: E[b_i]), (n, d);
     float32 (the training's own sum) unless ``--float64``. ValueError naming the option."""
     embed, pos = byte_embedding(ckpt)
-    limit = None if pos is None else pos.shape[0]
+    # learned positions: one row per position; rotary: the length the model was built for (n^2 attention)
+    limit = pos.shape[0] if pos is not None else ckpt.config.get("max_position_embeddings")
+    limit = int(limit) if isinstance(limit, int) and limit >= 1 else None
+    kind = "learned positions" if pos is not None else "positions"
     n = args.probe_tokens
     if n is not None and n < 1:
         raise ValueError(f"--probe-tokens: must be >= 1; got {n}")
     if n is not None and limit is not None and n > limit:
-        raise ValueError(f"--probe-tokens: {n} bytes, but the checkpoint has {limit} learned positions "
+        raise ValueError(f"--probe-tokens: {n} bytes, but the checkpoint has {limit} {kind} "
                          f"(max_position_embeddings); give at most {limit}")
     try:
         with open(args.probe_text, "rb") as f:
@@ -142,7 +145,7 @@ def text_probe(args, ckpt) -> tuple[np.ndarray, str]:
     if n is not None and len(data) < n:
         raise ValueError(f"--probe-tokens: {n} bytes, but --probe-text {args.probe_text} has only {len(data)}")
     if limit is not None and len(data) > limit:
-        raise ValueError(f"--probe-text {args.probe_text}: longer than the checkpoint's {limit} learned positions "
+        raise ValueError(f"--probe-text {args.probe_text}: longer than the checkpoint's {limit} {kind} "
                          f"(max_position_embeddings); give --probe-tokens N (at most {limit}) to use its first N bytes")
     dt = np.float64 if args.float64 else np.float32
     b = np.frombuffer(data, np.uint8)

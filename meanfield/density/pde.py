@@ -299,7 +299,8 @@ def simulate_density(
         steps += int(traj.num_steps)
         ok = bool(traj.success) and not bool(traj.event)  # reached t1 (an event is the watch firing)
         ys, t_end, y_end = np.asarray(traj.ys), float(traj.t_end), np.asarray(traj.y_end)
-        last = int(np.sum(np.asarray(ts_seg) <= traj.t_end))  # the saves reached
+        # the saves written (diffrax writes a save inside an accepted step only; none after a failed first step)
+        last = int(np.sum(np.isfinite(np.asarray(traj.solution.ts[0]))))
         mine = [i for i in range(last) if ts[i] > t_start or (first and ts[i] >= t_start)]
         first = False
         end_ok = passes(y_end)

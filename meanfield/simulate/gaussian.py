@@ -54,7 +54,7 @@ class GaussianSolution(Summarised, eqx.Module):
     Attributes:
         ts: save times (T,) ((B, T) for a batch with one depth t1 per point).
         means: (T, d); covs: (T, d, d). A batched call adds a leading axis B to every field
-            but `ts`. Save times after a blow-up hold the last state before
+            but `ts` (and to `ts` too with one depth per point). Save times after a blow-up hold the last state before
             it (see `valid`), so a blow-up never puts NaN or inf in them; after a failure whose
             state became NaN / inf (`success` False) the saves not `valid` hold that state.
         valid: (T,) bool, True where the save time was actually reached.
@@ -161,7 +161,8 @@ def simulate_gaussian(
             max |S0|) or not positive semidefinite (smallest eigenvalue below -100 d eps times
             the largest); `t0` / `t1` not finite or `t1 <= t0`; `ts` not finite, decreasing or
             outside [t0, t1]; `n_save` not an integer >= 2; `dt0` / `rtol` / `atol` not finite
-            and > 0; `blowup_threshold` NaN or <= 1 (inf: never stop). Traced inputs (inside
+            and > 0; `blowup_threshold` NaN or <= 1 (inf: never stop); a per-point `t1` whose
+            length is not the batch's, or in a single solve, or with `ts`. Traced inputs (inside
             jit / vmap) are not checked.
     """
     why = gaussian_closure_error(model)
@@ -186,8 +187,8 @@ def simulate_gaussian(
     check_finite(where, "m0", m0)
     check_covariance(where, "S0", S0)
     check_model_finite(where, model)
-    check_span(where, t0, t1)
     check_depths(where, t1, next(iter(sizes)) if sizes else None)
+    check_span(where, t0, t1)
     check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
     check_number(where, "blowup_threshold", blowup_threshold, gt=1, allow_inf=True)
     if rank_rtol is not None:

@@ -64,8 +64,9 @@ class ParticleSolution(Summarised, eqx.Module):
 
     @property
     def final(self):
-        """State (or saved observables) at the last save time."""
-        return jax.tree.map(lambda x: x[-1], self.xs)
+        """State (or saved observables) at the last save time, (n, d); (B, n, d) for a batch."""
+        last = (lambda x: x[:, -1]) if jnp.ndim(self.t_end) else (lambda x: x[-1])
+        return jax.tree.map(last, self.xs)
 
     def _summary(self) -> Summary:
         """What `__repr__` / `_repr_html_` show (`Summarised`): shapes and scalars only, no JAX op."""
@@ -151,7 +152,8 @@ def simulate_particles(
         ValueError: naming the argument, for concrete inputs that are not valid numbers: `X0` or a
             model array holding NaN / inf, `t0` / `t1` not finite or `t1 <= t0`, `ts` not finite,
             decreasing or outside [t0, t1], `n_save` not an integer >= 2, `dt0` / `rtol` / `atol`
-            not finite and > 0, `max_steps` < 1, `blowup_growth` NaN or <= 1; and on bad shapes.
+            not finite and > 0, `max_steps` < 1, `blowup_growth` NaN or <= 1; and on bad shapes (a
+            per-point `t1` whose length is not the batch's, or in a single solve, or with `ts`).
             Traced inputs (inside jit / vmap) are not checked.
     """
     where = "simulate_particles"
@@ -166,7 +168,6 @@ def simulate_particles(
     # Concrete inputs only (traced ones, inside jit / vmap, pass): refuse what is not a number.
     check_finite(where, "X0", X0)
     check_model_finite(where, model)
-    check_span(where, t0, t1)
     check_solver_options(where, dt0=dt0, rtol=rtol, atol=atol, max_steps=max_steps)
     if blowup_growth is not None:
         check_number(where, "blowup_growth", blowup_growth, gt=1, allow_inf=True)
@@ -176,6 +177,7 @@ def simulate_particles(
         )
     batched = X0.ndim == 3 or B is not None
     check_depths(where, t1, X0.shape[0] if X0.ndim == 3 else B if batched else None)
+    check_span(where, t0, t1)
     if batched:
         if dense:
             raise ValueError("simulate_particles: `dense=True` needs a single solve (X0 of shape (n, d), one Model).")

@@ -5,8 +5,8 @@ For each group (points that share shapes and options) the point function
     numbers -> build Model and initial state -> simulate -> observables over depth, regime
 
 is compiled once. `make_chunk_function` runs a chunk of a group's points at once (the ensemble
-integrator for particles and moments); `make_point_function` is the unbatched reference (vmapped
-for the shaped SDE and swept depths, called point by point for low-rank attention).
+integrator for particles and moments, swept depths included); `make_point_function` is the unbatched
+reference (vmapped for the shaped SDE, called point by point for low-rank attention).
 `auto_chunk_size` sizes a group's chunks from the memory budget.
 """
 
