@@ -37,6 +37,7 @@ def test_rank_change_refused_before_optimising(x64):
         steer(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, 0.0]), 1.0)
 
 
+@pytest.mark.slow
 def test_steer_reaches_target_and_verifies(x64):
     m0, S0 = np.array([0.0, 0.0]), np.array([[1.0, 0.3], [0.3, 0.5]])
     m1, S1 = np.array([1.0, -0.5]), np.array([[0.4, -0.2], [-0.2, 1.2]])

@@ -151,7 +151,7 @@ def test_vmap_over_initial_conditions(x64):
     np.testing.assert_allclose(sols.blowup_time, 1 / (2 * s0), rtol=1e-4)
 
 
-@pytest.mark.parametrize("d", [2, pytest.param(3, marks=pytest.mark.slow), 4])
+@pytest.mark.parametrize("d", [2, pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_particles_agree_with_moment_ode(key, d):
     """n = 20,000 tokens sampled from N(m0, S0), softmax attention + affine MLP, random Q, K, V, W
     with spectral norm 1, beta = 1; empirical moments at t = 1 vs the moment ODE.

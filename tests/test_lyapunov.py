@@ -79,6 +79,7 @@ def test_bad_k_is_refused():
         lyapunov_spectrum(lambda t, y: y, jnp.ones(3), 1.0, 4)
 
 
+@pytest.mark.slow
 def test_lowrank_attention_gives_the_dense_exponents(x64, key):
     """Lyapunov exponents through the low-rank attention (jax.jvp of the Chebyshev sum, its bound check
     and fallback included) equal those through the dense sum: 64 tokens on S^2, orders forced."""

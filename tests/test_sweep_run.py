@@ -159,6 +159,7 @@ def _write(tmp_path, raw, name="exp.yaml"):
     return f
 
 
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_equals_uninterrupted(tmp_path):
     raw = _particles(sweep={"grid": {"model.beta": [1.0, 2.0, 3.0, 4.0], "seed": [0, 1]}})
     f = _write(tmp_path, raw)
@@ -193,10 +194,11 @@ GAUSSIAN = {
 
 @pytest.mark.parametrize("raw, why", [
     # d = 17: the spectral norm behind spectral_ratio is an SVD (Jacobi rotations go up to 16 x 16)
-    (_particles(output={"chunk_size": 4}, model=dict(PARTICLES["model"], d=17, spectral_ratio=1.0)), "LAPACK"),
+    pytest.param(_particles(output={"chunk_size": 4}, model=dict(PARTICLES["model"], d=17, spectral_ratio=1.0)), "LAPACK",
+                 marks=pytest.mark.slow),
     # 32 tokens x d = 9 = 288 numbers per lane: compiled with YNNPACK reduce fusions, kept on one device
-    (_particles(output={"chunk_size": 4}, initial={"kind": "sphere", "n": 32}, model=dict(PARTICLES["model"], d=9)),
-     "YNNPACK"),
+    pytest.param(_particles(output={"chunk_size": 4}, initial={"kind": "sphere", "n": 32}, model=dict(PARTICLES["model"], d=9)),
+                 "YNNPACK", marks=pytest.mark.slow),
     (GAUSSIAN, None)], ids=["particles_lapack", "particles_ynnpack", "gaussian"])
 def test_four_devices_give_the_one_device_results(tmp_path, raw, why):
     """Four CPU devices: a LAPACK-free chunk program (Gaussian moments) is split over them; one that
