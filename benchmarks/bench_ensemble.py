@@ -59,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import meanfield as mf  # noqa: E402
-from bench_sweep import gaussian_config, loop_gaussian, particle_config  # noqa: E402
+from bench_sweep import gaussian_config, loop_gaussian, particle_config, particle_point  # noqa: E402
 from meanfield.model.field import particle_field  # noqa: E402
 from meanfield.sweep.plan import config_from_dict, make_plan  # noqa: E402
 from meanfield.sweep.points import make_point_function  # noqa: E402
@@ -157,11 +157,8 @@ and again, now stops at once: `StallGuard`.) `--particle-max-steps` changes it."
 
 def loop_particles(points, max_steps: int) -> None:
     """bench_sweep's particle loop with workload 3's step budget."""
-    d, n = 8, 64
     for rho, seed in points:
-        key = jax.random.key(seed)
-        model = mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho)
-        X0 = mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d))
+        model, X0 = particle_point(rho, seed)
         sol = mf.simulate_particles(model, X0, 5.0, n_save=11, max_steps=max_steps)
         float(mf.metrics.effective_rank(sol.xs[-1]))
         int(mf.classify(sol))
@@ -223,13 +220,8 @@ def particle_floor(points: list[tuple[float, int]], max_steps: int, lanes: int =
     included, + 1), from one batched library call on the sample."""
     from meanfield._xla_flags import program_options
 
-    d, n = 8, 64
-    models, X0s = [], []
-    for rho, seed in points:
-        key = jax.random.key(seed)
-        models.append(mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho))
-        X0s.append(mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d)))
-    batch, X0 = jax.tree.map(lambda *a: jnp.stack(a), *models), jnp.stack(X0s)
+    batch, X0 = jax.tree.map(lambda *a: jnp.stack(a), *(particle_point(rho, seed) for rho, seed in points))
+    n, d = X0.shape[-2:]
     sol = mf.simulate_particles(batch, X0, 5.0, n_save=11, max_steps=max_steps)
     attempts = np.asarray(sol.num_attempts)
     evals_per_point = float(np.mean(6 * attempts + 1))

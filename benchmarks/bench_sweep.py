@@ -66,12 +66,16 @@ def loop_gaussian(points: list[tuple[float, int]]) -> None:
         int(mf.classify(sol))
 
 
+def particle_point(rho: float, seed: int, d: int = 8, n: int = 64):
+    """(Model, X0) of one point of `particle_config`'s sweep, seeded as the sweep seeds it."""
+    key = jax.random.key(seed)
+    model = mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho)
+    return model, mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d))
+
+
 def loop_particles(points: list[tuple[float, int]]) -> None:
-    d, n = 8, 64
     for rho, seed in points:
-        key = jax.random.key(seed)
-        model = mf.with_spectral_ratio(mf.Model.random(jax.random.fold_in(key, 0), d), rho)
-        X0 = mf.gaussian_tokens(jax.random.fold_in(key, 1), n, jnp.zeros(d), 0.125 * jnp.eye(d))
+        model, X0 = particle_point(rho, seed)
         sol = mf.simulate_particles(model, X0, 5.0, n_save=11)
         float(mf.metrics.effective_rank(sol.xs[-1]))
         int(mf.classify(sol))

@@ -293,7 +293,6 @@ def _solve_batch(m0, S0, model, t0, t1, ts, dt0, solver, controller, max_steps, 
 
     traj = solve_ensemble(field, (m0, L0), args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller, dt0=dt0,
                           max_steps=max_steps, event=_blowup_event, lanes=lanes, on_finish=tick)
-    if ts.ndim == 2:  # one depth per point: each point its own save grid
-        return jax.vmap(lambda tr, a, t: _finish(tr, point_model(a), t, t0, threshold, a["log_limit"]))(traj, args, ts)
-    sol = jax.vmap(lambda tr, a: _finish(tr, point_model(a), ts, t0, threshold, a["log_limit"]))(traj, args)
-    return eqx.tree_at(lambda s: s.ts, sol, ts)
+    grids = jnp.broadcast_to(ts, traj.t_end.shape + ts.shape[-1:])  # each point's save grid
+    sol = jax.vmap(lambda tr, a, t: _finish(tr, point_model(a), t, t0, threshold, a["log_limit"]))(traj, args, grids)
+    return sol if ts.ndim == 2 else eqx.tree_at(lambda s: s.ts, sol, ts)  # a shared grid stays (T,)

@@ -23,7 +23,7 @@ from ..model.attention import AbstractAttention, LowRank, direct_evaluator
 from ..model.field import particle_field
 from .attention_policy import Auto, resolve_attention
 from .core import Trajectory, solve, solve_ensemble
-from .checks import check_finite, check_model_finite, check_number, check_depths, check_solver_options, check_span
+from .checks import check_depths, check_finite, check_model_finite, check_number, check_solver_options, check_span
 from .solvers import batch_progress, make_controller, make_solver, progress_meter, save_times
 
 
@@ -289,6 +289,5 @@ def _solve_batch(model, X0, t0, t1, ts, dt0, solver, controller, max_steps, atte
     traj = solve_ensemble(vector_field, X0, args, t0=t0, t1=t1, ts=ts, solver=solver, controller=controller,
                           dt0=dt0, max_steps=max_steps, event=_blowup_event(blowup_growth), fn=fn, lanes=lanes,
                           on_finish=tick)
-    if ts.ndim == 2:  # one depth per point: each point its own save grid
-        return jax.vmap(_finish)(traj, ts)
-    return eqx.tree_at(lambda s: s.ts, jax.vmap(lambda tr: _finish(tr, ts))(traj), ts)
+    sol = jax.vmap(_finish)(traj, jnp.broadcast_to(ts, traj.t_end.shape + ts.shape[-1:]))
+    return sol if ts.ndim == 2 else eqx.tree_at(lambda s: s.ts, sol, ts)  # a shared grid stays (T,)
